@@ -1,0 +1,33 @@
+"""Source readers and per-architecture maps for ``dymoe-gguf convert``.
+
+Installed as ``dymoe_gguf.converters`` (pyproject maps the top-level ``converters/`` folder there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dymoe_gguf.converters.source import Source, SourceTensor
+
+
+def open_source(spec: str | Path) -> Source:
+    """Open a local HF directory, a ``.gguf`` file, or a Hugging Face repo id."""
+    from dymoe_gguf.converters import hub
+    from dymoe_gguf.converters.gguf_source import open_gguf
+    from dymoe_gguf.converters.source import open_hf_dir
+    from dymoe_gguf.errors import SourceError
+
+    text = str(spec)
+    if not text.strip():
+        raise SourceError("Missing source: expected a model directory, a .gguf file or a repo id")
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SourceError(f"Source {path} is a file but not a .gguf: pass the model directory")
+        return open_gguf(path)
+    if not path.exists() and hub.looks_like_repo_id(text):
+        return open_hf_dir(hub.fetch(text), kind="hf-repo", ident=text)
+    return open_hf_dir(path)
+
+
+__all__ = ["Source", "SourceTensor", "open_source"]

@@ -1,0 +1,3 @@
+from dymoe_gguf.cli import main
+
+main()

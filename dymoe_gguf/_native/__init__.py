@@ -1,0 +1,1 @@
+"""The only place that talks to llama.cpp / ggml through ctypes (private)."""

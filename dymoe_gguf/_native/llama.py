@@ -1,0 +1,89 @@
+"""Building a ``llama_cpp.Llama`` with the parameters ``Llama(...)`` does not expose.
+
+``Llama.__init__`` starts from ``llama_model_default_params()`` / ``llama_context_default_params()``;
+wrapping those two functions for the duration of the constructor lets us set
+``use_extra_bufts`` (repack, must be off for mmap paging and view swaps) and ``cb_eval`` (the
+scheduler's eval callback, how routing is observed) without copying Llama's constructor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_LOCK = threading.Lock()
+
+# typedef bool (*ggml_backend_sched_eval_callback)(struct ggml_tensor * t, bool ask, void * user_data);
+EvalCallback = Callable[[int, bool, int], bool]
+
+
+@contextlib.contextmanager
+def _defaults(model: dict[str, Any], context: dict[str, Any]) -> Iterator[None]:
+    import llama_cpp.llama as high
+    from llama_cpp import llama_cpp as low
+
+    orig_m, orig_c = low.llama_model_default_params, low.llama_context_default_params
+
+    def model_params():  # noqa: ANN202 - mirrors the ctypes function
+        p = orig_m()
+        for k, v in model.items():
+            setattr(p, k, v)
+        return p
+
+    def context_params():  # noqa: ANN202
+        p = orig_c()
+        for k, v in context.items():
+            setattr(p, k, v)
+        return p
+
+    with _LOCK:
+        high.llama_cpp.llama_model_default_params = model_params  # type: ignore[attr-defined]
+        high.llama_cpp.llama_context_default_params = context_params  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            high.llama_cpp.llama_model_default_params = orig_m  # type: ignore[attr-defined]
+            high.llama_cpp.llama_context_default_params = orig_c  # type: ignore[attr-defined]
+
+
+def make_eval_callback(fn: EvalCallback) -> Any:
+    """Wrap a Python function as a ``ggml_backend_sched_eval_callback`` (keep a reference!)."""
+    from llama_cpp import llama_cpp as low
+
+    return low.ggml_backend_sched_eval_callback(fn)
+
+
+def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = None, no_populate: bool = False,
+               **kwargs: Any) -> Any:
+    """A ``llama_cpp.Llama`` with repack switched off (default) and an optional eval callback.
+
+    ``cb_eval`` must be an object from :func:`make_eval_callback`, kept alive by the caller for the
+    lifetime of the returned Llama. ``no_populate`` sets ``DYMOE_NO_POPULATE=1`` while loading: the
+    patched llama.cpp then maps the file without reading it all (stock builds ignore it). Other
+    keyword arguments go to ``Llama`` unchanged.
+    """
+    from llama_cpp import Llama
+
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("use_mmap", True)
+    model = {"use_extra_bufts": bool(repack)}
+    context: dict[str, Any] = {}
+    if cb_eval is not None:
+        context = {"cb_eval": cb_eval, "cb_eval_user_data": ctypes.c_void_p(None)}
+    with _defaults(model, context):
+        old = os.environ.get("DYMOE_NO_POPULATE")
+        if no_populate:
+            os.environ["DYMOE_NO_POPULATE"] = "1"
+        try:
+            return Llama(model_path=str(model_path), **kwargs)
+        finally:
+            if no_populate:
+                if old is None:
+                    os.environ.pop("DYMOE_NO_POPULATE", None)
+                else:
+                    os.environ["DYMOE_NO_POPULATE"] = old

@@ -1,0 +1,174 @@
+"""Virtual-memory calls the pager needs: mmap, madvise, mincore, posix_fadvise, via libc.
+
+Linux and macOS. Page size is read at run time. Prefetch reads with pread (large I/Os through the
+file's read path) rather than faulting pages in through a MADV_RANDOM mapping.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+IS_LINUX = sys.platform.startswith("linux")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset);
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.mmap.restype = ctypes.c_void_p
+# int munmap(void *addr, size_t length);
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+# int madvise(void *addr, size_t length, int advice);
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+# int mincore(void *addr, size_t length, unsigned char *vec);
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+if hasattr(_libc, "posix_fadvise"):
+    # int posix_fadvise(int fd, off_t offset, off_t len, int advice);
+    _libc.posix_fadvise.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED = 0, 1, 2, 3, 4
+MADV_COLD, MADV_PAGEOUT, MADV_POPULATE_READ = 20, 21, 22  # Linux only
+POSIX_FADV_RANDOM, POSIX_FADV_DONTNEED = 1, 4
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """A per-thread reusable buffer of at least ``n`` bytes (prefetch reads land here)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = memoryview(bytearray(max(n, 1 << 20)))
+        _local.buf = buf
+    return buf
+
+
+def _round(addr: int, length: int) -> tuple[int, int]:
+    start = addr - addr % PAGE
+    end = addr + length
+    end += -end % PAGE
+    return start, end - start
+
+
+@dataclass
+class Mapping:
+    """A read-only shared mapping of a whole file."""
+
+    path: str
+    fd: int
+    addr: int
+    size: int
+
+    @classmethod
+    def open(cls, path: str) -> Mapping:
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, MAP_FAILED):
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"mmap {path}: {os.strerror(err)}")
+        m = cls(path, fd, int(addr), size)
+        m.advise(0, size, MADV_RANDOM)  # no fault read-ahead: we read experts in bulk ourselves
+        # and no read-ahead on our preads either: without this a pread of one expert makes the
+        # kernel read on into the next ones (read_ahead_kb), which costs reads and budget
+        fadvise(fd, 0, 0, POSIX_FADV_RANDOM)
+        return m
+
+    def close(self) -> None:
+        if self.addr:
+            _libc.munmap(self.addr, self.size)
+            os.close(self.fd)
+            self.addr = 0
+
+    def advise(self, offset: int, length: int, advice: int) -> int:
+        """madvise on [offset, offset+length) of the file; returns 0 or errno."""
+        return madvise(self.addr + offset, length, advice)
+
+    def residency(self) -> np.ndarray:
+        """uint8 per page: 1 where resident."""
+        return mincore(self.addr, self.size)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Bring a byte range into the page cache in large reads (blocking; pager or safe point).
+
+        ``pread`` on the file takes the file's read path (large I/Os); ``MADV_POPULATE_READ`` on
+        this MADV_RANDOM mapping would fault the range in one page at a time. The mapping then
+        finds the pages cached (minor faults only).
+        """
+        start, n = _round(offset, length)
+        n = min(n, self.size - start)
+        buf = _scratch(n)
+        done = 0
+        while done < n:
+            got = os.preadv(self.fd, [buf[done:n]], start + done)
+            if got <= 0:
+                break
+            done += got
+
+    def evict(self, offset: int, length: int) -> None:
+        """Drop a byte range from this process and, where unmapped elsewhere, from the page cache."""
+        start, n = _round(self.addr + offset, length)
+        if IS_LINUX and madvise(start, n, MADV_PAGEOUT) == 0:
+            pass
+        madvise(start, n, MADV_DONTNEED)
+        # the kernel drops only whole pages inside the range: round it out to pages
+        fstart, fn = _round(offset, length)
+        fadvise_dontneed(self.fd, fstart, fn)
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """madvise on a page-rounded range; returns 0 or errno."""
+    start, n = _round(addr, length)
+    if _libc.madvise(start, n, advice) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def mincore(addr: int, length: int) -> np.ndarray:
+    """Residency (uint8 per page, 1 = resident) of a page-rounded range of a mapping."""
+    start, n = _round(addr, length)
+    vec = np.zeros(n // PAGE, dtype=np.uint8)
+    if _libc.mincore(start, n, vec.ctypes.data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore: {os.strerror(err)}")
+    return vec & 1
+
+
+def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+    """posix_fadvise where the platform has it (not macOS); best effort."""
+    if hasattr(_libc, "posix_fadvise"):
+        _libc.posix_fadvise(fd, offset, length, advice)
+
+
+def fadvise_dontneed(fd: int, offset: int = 0, length: int = 0) -> None:
+    """posix_fadvise(DONTNEED) where the platform has it (not macOS)."""
+    fadvise(fd, offset, length, POSIX_FADV_DONTNEED)
+
+
+def drop_file_cache(path: str) -> None:
+    """Evict a whole file from the page cache (cold-cache benchmarks); best effort."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fadvise_dontneed(fd)
+    finally:
+        os.close(fd)
+
+
+def read_bytes() -> int:
+    """Bytes this process caused to be read from storage (/proc/self/io; 0 where unavailable)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny MoE checkpoints of each architecture, converted once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dymoe_gguf.bundle.format import DEFAULT_TIERS, Tier
+from dymoe_gguf.synth import SynthConfig, write_checkpoint
+
+ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory) -> Callable[..., Path]:
+    """``hf_model(arch="qwen3moe", **synth)`` -> a checkpoint directory (cached per arguments)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "qwen3moe", **kw) -> Path:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"hf-{arch}")
+            cache[key] = write_checkpoint(out, SynthConfig(arch=arch, **kw))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, hf_model) -> Callable[..., Path]:
+    """``bundle(arch, base_tier=Tier.F32, tiers=DEFAULT_TIERS, **synth)`` -> converted bundle (cached)."""
+    from dymoe_gguf.convert import convert
+
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "qwen3moe", base_tier: Tier = Tier.F32, tiers: tuple[Tier, ...] = DEFAULT_TIERS,
+             **kw) -> Path:
+        key = (arch, base_tier, tiers, tuple(sorted(kw.items())))
+        if key not in cache:
+            src = hf_model(arch, **kw)
+            out = tmp_path_factory.mktemp(f"bundle-{arch}") / "model.dymoe"
+            convert(src, out, base_tier=base_tier, tiers=tiers, threads=2)
+            cache[key] = out
+        return cache[key]
+
+    return make
