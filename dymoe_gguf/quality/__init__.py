@@ -1,0 +1,1 @@
+"""Quality: evaluation against a reference (ppl, KL, top-1) and calibration profiles."""
