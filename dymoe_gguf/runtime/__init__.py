@@ -1,0 +1,1 @@
+"""The runtime: observe routing, decide tiers, apply views and paging."""

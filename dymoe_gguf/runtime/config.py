@@ -1,0 +1,75 @@
+"""Runtime options, validated once (``Controller.open``, ``run``, ``eval`` share them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psutil
+
+from dymoe_gguf.errors import DymoeError, RuntimeConfigError
+
+POLICIES = ("dymoe", "static", "off", "observe", "manual", "uniform:<TIER>")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the controller decides and applies tiers."""
+
+    # dymoe | static (calibration profile, frozen) | off (plain llama.cpp) | observe (record routing,
+    # change nothing) | manual (tiers set by Controller.set_tiers) | uniform:Q2_K …
+    policy: str = "dymoe"
+    budget: int | None = None  # resident expert bytes; None = unlimited
+    lookahead: int = 1  # layers predicted ahead (0 = off)
+    skip_threshold: float = 0.0  # drop selected experts whose gate weight is below this (0 = off)
+    depth: str = "cosine"  # r(l) schedule: cosine | linear | constant
+    r_max: float = 1.0  # share of experts above the lowest tier in the first layer
+    r_min: float = 0.25  # ... and in the last (the budget, not the cap, usually binds)
+    pins: dict[int, str] = field(default_factory=dict)  # layer -> tier name ("none" = not resident)
+    half_life: float = 32.0  # importance EMA half-life in tokens
+    promote_margin: float = 0.25  # hysteresis: a challenger needs (1+margin)x the incumbent's score
+    reallocate_every: int = 16  # tokens between allocator runs
+    mode: str = "auto"  # auto | per-layer | per-expert
+    measure_hits: bool = True  # mincore check of selected experts (per-layer hit rates)
+
+    @property
+    def uniform_tier(self) -> str | None:
+        return self.policy.split(":", 1)[1].upper() if self.policy.startswith("uniform:") else None
+
+
+def parse_budget(spec: str | int | None) -> int | None:
+    """'2GiB', '512MiB', '50%' (of total RAM), an int, or None/'none' -> bytes or None."""
+    from dymoe_gguf.util import parse_size
+
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "unlimited")):
+        return None
+    if isinstance(spec, str) and spec.strip().endswith("%"):
+        try:
+            share = float(spec.strip()[:-1])
+        except ValueError:
+            raise RuntimeConfigError(f"Expected a memory budget such as 2GiB or 50%, got {spec!r}") from None
+        if not 0 < share <= 100:
+            raise RuntimeConfigError(f"Expected a budget share in (0, 100]%, got {spec!r}")
+        return int(psutil.virtual_memory().total * share / 100)
+    try:
+        return parse_size(spec)
+    except DymoeError as exc:
+        raise RuntimeConfigError(str(exc).replace("a size", "a memory budget")) from None
+
+
+def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, **kw) -> RuntimeConfig:
+    """Validated :class:`RuntimeConfig` from user-facing options."""
+    policy = policy.strip().lower()
+    if not (policy in ("dymoe", "static", "off", "observe", "manual") or policy.startswith("uniform:")):
+        raise RuntimeConfigError(f"Unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    cfg = RuntimeConfig(policy=policy, budget=parse_budget(memory_budget), **kw)
+    if cfg.lookahead < 0 or cfg.lookahead > 8:
+        raise RuntimeConfigError(f"Expected --lookahead between 0 and 8, got {cfg.lookahead}")
+    if not 0 <= cfg.skip_threshold < 1:
+        raise RuntimeConfigError(f"Expected a skip threshold in [0, 1), got {cfg.skip_threshold}")
+    if cfg.mode not in ("auto", "per-layer", "per-expert"):
+        raise RuntimeConfigError(f"Expected mode auto, per-layer or per-expert, got {cfg.mode!r}")
+    if cfg.depth not in ("cosine", "linear", "constant"):
+        raise RuntimeConfigError(f"Expected depth schedule cosine, linear or constant, got {cfg.depth!r}")
+    if cfg.reallocate_every < 1:
+        raise RuntimeConfigError("Expected reallocate_every >= 1")
+    return cfg

@@ -1,0 +1,316 @@
+"""Apply (2/2): the pager — the only code that makes OS paging calls on expert bytes.
+
+It keeps a *model* of which expert ranges are resident (bytes per (layer, expert, tier)), updated
+when an expert is used or prefetched and when a range is evicted, and corrected from ``mincore``
+by its background thread. With it:
+
+* ``use()`` — called at a layer's safe point, *before* its experts are read — counts the bytes the
+  layer is about to fault in and, if that would break the budget, evicts first (synchronously), so
+  resident expert bytes stay under the budget throughout a step, not only between steps;
+* ``request()`` queues look-ahead prefetches for the thread (``MADV_POPULATE_READ`` where the kernel
+  has it, else ``MADV_WILLNEED`` + ``pread``), which also warms the planned resident set when idle;
+* eviction order: copies the plan does not keep (least recently used first), then kept experts of
+  lowest importance; ranges in use this step are never evicted. ``MADV_PAGEOUT``/``MADV_DONTNEED``
+  + ``FADV_DONTNEED`` drop them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from dymoe_gguf._native import vm
+from dymoe_gguf.bundle import BundleIndex
+from dymoe_gguf.bundle.format import MATRICES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PagerStats:
+    """Counters kept by the pager."""
+
+    prefetch_requests: int = 0
+    prefetched_ranges: int = 0
+    demand_reads: int = 0  # experts read in bulk at the safe point because no prefetch had brought them
+    evictions: int = 0
+    evicted_bytes: int = 0
+    syncs: int = 0
+    max_resident: int = 0  # highest resident expert bytes measured by mincore
+    last_resident: int = 0
+    seconds: float = 0.0  # time spent in the pager thread
+
+
+class Pager:
+    """Residency model, prefetch, warm and evict for the sidecar mappings under a byte budget."""
+
+    TARGET = 0.88  # evict down to this share of the budget when it would be exceeded (room for reads in flight)
+    SYNC_EVERY = 0.25  # seconds between mincore corrections of the model (1 s without a budget)
+
+    def __init__(self, index: BundleIndex, mappings: dict[int, vm.Mapping], budget: int | None,
+                 base_ranges: list[tuple[int, int]] | None = None) -> None:
+        self.index = index
+        self.mappings = mappings
+        self.budget = budget
+        self.base_ranges = list(base_ranges or [])
+        self.base_fd = os.open(index.base_path, os.O_RDONLY)
+        L, E, T = index.n_layer, index.n_expert, len(index.tiers)
+        self.off = np.zeros((L, E, T, 3), dtype=np.int64)  # (layer, expert, tier, matrix) -> file offset
+        self.len = np.zeros((L, E, T, 3), dtype=np.int64)
+        for (layer, m, e, tier), s in index._slices.items():  # noqa: SLF001 - same package
+            t = index.tiers.index(tier)
+            self.off[layer, e, t, MATRICES.index(m)] = s.offset
+            self.len[layer, e, t, MATRICES.index(m)] = s.nbytes
+        self.full = self.len.sum(-1)  # [L, E, T] bytes of one expert copy
+        self._p0 = self.off // vm.PAGE
+        self._p1 = (self.off + self.len + vm.PAGE - 1) // vm.PAGE
+        self.model = np.zeros((L, E, T), dtype=np.int64)  # modelled resident bytes
+        self.total = 0  # == self.model.sum(), kept up to date
+        self.last = np.zeros((L, E, T), dtype=np.int64)  # step of last use
+        # ranges being read right now (outside the lock): never evicted, or the read would bring
+        # back pages the model has already written off
+        self.inflight = np.zeros((L, E, T), dtype=bool)
+        # when each entry of the model was last changed (a counter, not a clock): sync() keeps the
+        # model's value for entries changed while it measured instead of a stale mincore reading
+        self.changed = np.zeros((L, E, T), dtype=np.int64)
+        self._epoch = 0
+        self.step = 1
+        self.keep = np.full((L, E), -1, dtype=np.int16)  # planned tier per expert (-1: not kept)
+        self.scores = np.zeros((L, E), dtype=np.float64)
+        self._queue: deque[tuple[int, int, int]] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._dirty = True  # plan changed: warm again
+        self.stats = PagerStats()
+        self._thread = threading.Thread(target=self._run, name="dymoe-pager", daemon=True)
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        self.sync()  # the model starts from what is really resident
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self.base_fd >= 0:
+            os.close(self.base_fd)
+            self.base_fd = -1
+
+    def set_plan(self, keep: np.ndarray, scores: np.ndarray) -> None:
+        """The planned tier per expert (-1 = not resident) and the importance ordering evictions."""
+        keep = keep.astype(np.int16, copy=True)
+        with self._lock:
+            changed = not np.array_equal(keep, self.keep)
+            self.keep = keep
+            self.scores = scores.astype(np.float64, copy=True)
+            self._dirty |= changed
+        if changed:
+            self._wake.set()
+
+    def new_step(self) -> None:
+        """A decode step begins (ranges used in the previous step lose their protection)."""
+        self.step += 1
+
+    def use(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> None:
+        """Experts about to be read at ``tiers`` (callback thread, before the layer's matmuls).
+
+        Whatever of them is not resident is read now, in bulk (one populate call per range),
+        instead of being faulted in page by page by the matmul.
+        """
+        with self._lock:
+            full = self.full[layer, experts, tiers]
+            missing = self.model[layer, experts, tiers] < full
+            self.total += int((full - self.model[layer, experts, tiers]).sum())
+            self.model[layer, experts, tiers] = full
+            self.last[layer, experts, tiers] = self.step
+            self._epoch += 1
+            self.changed[layer, experts, tiers] = self._epoch
+            self.inflight[layer, experts[missing], tiers[missing]] = True
+            if self.budget is not None and self.total > self.budget:
+                self._evict_to(int(self.budget * self.TARGET))
+        try:
+            for e, t in zip(experts[missing].tolist(), tiers[missing].tolist()):
+                m = self.mappings[t]
+                for i in range(3):
+                    m.prefetch(int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i]))
+                self.stats.demand_reads += 1
+        finally:
+            with self._lock:
+                self.inflight[layer, experts[missing], tiers[missing]] = False
+                self._epoch += 1  # a sync that measured during the read must not keep its reading
+                self.changed[layer, experts[missing], tiers[missing]] = self._epoch
+
+    def request(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> None:
+        """Queue experts of a coming layer for prefetch at ``tiers`` (cheap; callback thread).
+
+        Experts the model already holds resident are not queued, and the thread is woken only
+        when something was: an idle pager takes no time (and no GIL) from decoding.
+        """
+        missing = self.model[layer, experts, tiers] < self.full[layer, experts, tiers]
+        if not missing.any():
+            return
+        for e, t in zip(experts[missing].tolist(), tiers[missing].tolist()):
+            self._queue.append((layer, e, t))
+        self.stats.prefetch_requests += int(missing.sum())
+        self._wake.set()
+
+    # ------------------------------------------------------------------ measurement
+    def residency(self) -> tuple[np.ndarray, int]:
+        """Measured resident bytes per (layer, expert, tier) ``[L, E, T]`` and of the base experts."""
+        out = np.zeros(self.model.shape, dtype=np.int64)
+        for t, m in self.mappings.items():
+            pages = m.residency().astype(np.int64)
+            cs = np.concatenate([[0], np.cumsum(pages)])
+            p0 = np.minimum(self._p0[:, :, t, :], len(pages))
+            p1 = np.minimum(self._p1[:, :, t, :], len(pages))
+            out[:, :, t] = np.minimum((cs[p1] - cs[p0]) * vm.PAGE, self.len[:, :, t, :]).sum(-1)
+        base = sum(int(vm.mincore(addr, n).sum()) * vm.PAGE for addr, n in self.base_ranges)
+        return out, base
+
+    def resident_bytes(self) -> int:
+        """Measured resident expert bytes (sidecars + base experts)."""
+        per, base = self.residency()
+        total = int(per.sum()) + base
+        self.stats.max_resident = max(self.stats.max_resident, total)
+        return total
+
+    def sync(self) -> int:
+        """Correct the model from mincore; returns measured resident bytes."""
+        with self._lock:
+            epoch0 = self._epoch
+        per, base = self.residency()
+        with self._lock:
+            touched = (self.changed > epoch0) | self.inflight  # changed while measuring: keep the model's value
+            self.model = np.where(touched, np.maximum(self.model, per), per)
+            self.total = int(self.model.sum())
+        total = int(per.sum()) + base
+        self.stats.syncs += 1
+        self.stats.last_resident = total
+        self.stats.max_resident = max(self.stats.max_resident, total)
+        return total
+
+    def enforce_now(self) -> int:
+        """Evict the base experts (no view reads them) and hold the budget now; returns measured bytes."""
+        if self.budget is None:
+            return self.resident_bytes()
+        for addr, n in self.base_ranges:
+            vm.madvise(addr, n, vm.MADV_DONTNEED)
+        vm.fadvise_dontneed(self.base_fd)
+        self.sync()
+        with self._lock:
+            if self.total > self.budget * self.TARGET:
+                self._evict_to(int(self.budget * self.TARGET), protect=False)
+        return self.resident_bytes()
+
+    # ------------------------------------------------------------------ eviction (caller holds the lock)
+    def _evict_to(self, target: int, protect: bool = True) -> None:
+        total = self.total
+        L, E, T = self.model.shape
+        resident = (self.model > 0) & ~self.inflight
+        if protect:
+            resident &= self.last < self.step
+        kept = np.zeros_like(resident)
+        li, ei = np.nonzero(self.keep >= 0)
+        kept[li, ei, self.keep[li, ei]] = True
+        spare = np.flatnonzero(resident & ~kept)
+        spare = spare[np.argsort(self.last.reshape(-1)[spare], kind="stable")]
+        held = np.flatnonzero(resident & kept)
+        held = held[np.argsort(np.repeat(self.scores.reshape(-1), T)[held], kind="stable")]
+        for flat in np.concatenate([spare, held]):
+            if total <= target:
+                break
+            layer, rest = divmod(int(flat), E * T)
+            e, t = divmod(rest, T)
+            m = self.mappings[t]
+            for i in range(3):
+                m.evict(int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i]))
+            total -= int(self.model[layer, e, t])
+            self.stats.evicted_bytes += int(self.model[layer, e, t])
+            self.model[layer, e, t] = 0
+            self._epoch += 1
+            self.changed[layer, e, t] = self._epoch
+            self.stats.evictions += 1
+        self.total = total
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        last_sync = 0.0
+        every = self.SYNC_EVERY if self.budget is not None else 4 * self.SYNC_EVERY
+        while not self._stop.is_set():
+            self._wake.wait(timeout=every)
+            self._wake.clear()
+            t0 = time.perf_counter()
+            try:
+                self._drain()
+                if t0 - last_sync >= every:
+                    self.sync()
+                    last_sync = t0
+                    if self.budget is not None:
+                        with self._lock:
+                            if self.total > self.budget:
+                                self._evict_to(int(self.budget * self.TARGET))
+                if not self._queue:
+                    self._warm()
+            except Exception:  # keep paging alive
+                log.exception("pager error")
+            self.stats.seconds += time.perf_counter() - t0
+
+    def _fetch(self, layer: int, e: int, t: int) -> None:
+        with self._lock:
+            if self.budget is not None and self.total + self.full[layer, e, t] > self.budget:
+                self._evict_to(int(self.budget * self.TARGET) - int(self.full[layer, e, t]))
+            self.total += int(self.full[layer, e, t] - self.model[layer, e, t])
+            self.model[layer, e, t] = self.full[layer, e, t]
+            # recent, but not protected like ranges read this step: a wrong guess may be evicted
+            self.last[layer, e, t] = max(self.last[layer, e, t], self.step - 1)
+            self._epoch += 1
+            self.changed[layer, e, t] = self._epoch
+            self.inflight[layer, e, t] = True
+        try:
+            m = self.mappings[t]
+            for i in range(3):
+                m.prefetch(int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i]))
+        finally:
+            with self._lock:
+                self.inflight[layer, e, t] = False
+                self._epoch += 1
+                self.changed[layer, e, t] = self._epoch
+        self.stats.prefetched_ranges += 3
+
+    def _drain(self) -> None:
+        seen = set()
+        while self._queue and not self._stop.is_set():
+            key = self._queue.popleft()
+            if key not in seen:
+                seen.add(key)
+                self._fetch(*key)
+
+    def _warm(self) -> None:
+        """Bring the planned resident set in, most important first, while it fits the budget."""
+        with self._lock:
+            if not self._dirty:
+                return
+            keep, scores = self.keep.copy(), self.scores.copy()
+            self._dirty = False
+        li, ei = np.nonzero(keep >= 0)
+        ti = keep[li, ei].astype(np.int64)
+        need = self.full[li, ei, ti] - self.model[li, ei, ti]
+        todo = np.flatnonzero(need > 0)
+        todo = todo[np.argsort(-scores[li[todo], ei[todo]], kind="stable")]
+        if self.budget is not None:  # only what fits, most important first
+            room = int(self.budget * self.TARGET) - self.total
+            todo = todo[np.cumsum(need[todo]) <= room]
+        for j in todo.tolist():
+            if self._stop.is_set() or self._queue:
+                self._dirty = True  # resume after the prefetches
+                return
+            self._fetch(int(li[j]), int(ei[j]), int(ti[j]))

@@ -1,0 +1,82 @@
+"""What the controller measures, and the snapshot ``Controller.stats()`` returns."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dymoe_gguf._native import vm
+from dymoe_gguf.runtime.decide import LookaheadStats
+
+
+@dataclass(frozen=True)
+class ControllerStats:
+    """A snapshot of the controller's measurements (``to_dict()`` for JSON)."""
+
+    mode: str  # "per-layer" | "per-expert" | "off"
+    policy: str
+    tokens: int  # tokens processed (prompt and generated)
+    steps: int  # decode calls
+    lookahead_recall: float | None  # share of next-layer selected experts that were predicted
+    lookahead_recall_by_layer: list[float | None]
+    tier_changes: int  # changes of planned tier (per expert) since open
+    view_changes: int  # tensor view swaps applied
+    resident_expert_bytes: int  # measured with mincore now
+    max_resident_expert_bytes: int  # highest the pager measured
+    budget_bytes: int | None
+    bytes_read: int  # from storage by this process since open (/proc/self/io)
+    hit_rate: float | None  # selected experts already resident when selected
+    hit_rate_by_layer: list[float | None]
+    skipped_slots: int
+    callback_calls: int
+    callback_seconds: float
+    callback_error: str | None  # the first exception raised inside the eval callback, if any
+    tiers_by_layer: list[list[int]] = field(default_factory=list)  # planned tier per (MoE layer, expert)
+    tier_names: list[str] = field(default_factory=list)
+    pager: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StatsCounter:
+    """Mutable counters updated on the callback thread."""
+
+    def __init__(self, n_moe_layers: int, lookahead: int) -> None:
+        self.tokens = 0
+        self.steps = 0
+        self.tier_changes = 0
+        self.skipped = 0
+        self.hits = np.zeros(n_moe_layers, dtype=np.int64)
+        self.uses = np.zeros(n_moe_layers, dtype=np.int64)
+        self.lookahead = LookaheadStats(n_moe_layers, max(1, lookahead))
+        self._read0 = vm.read_bytes()
+        self._t0 = time.perf_counter()
+
+    def start(self) -> None:
+        """Zero the counters after set-up (warm-up decode, initial warming are not counted)."""
+        self._read0 = vm.read_bytes()
+
+    def snapshot(self, *, mode: str, policy: str, budget: int | None, resident: int, views, pager, observer,
+                 index) -> ControllerStats:
+        recall = float(self.lookahead.recall_by_distance[0])  # next layer only; NaN before any update
+        by_layer = [None if np.isnan(x) else float(x) for x in self.lookahead.recall_table[:, 0]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            hit_layer = [float(h / u) if u else None for h, u in zip(self.hits, self.uses)]
+        ps = asdict(pager.stats) if pager is not None else {}
+        return ControllerStats(
+            mode=mode, policy=policy, tokens=self.tokens, steps=self.steps,
+            lookahead_recall=None if np.isnan(recall) else recall,
+            lookahead_recall_by_layer=by_layer,
+            tier_changes=self.tier_changes, view_changes=views.changes if views is not None else 0,
+            resident_expert_bytes=int(resident), max_resident_expert_bytes=int(ps.get("max_resident", resident)),
+            budget_bytes=budget, bytes_read=vm.read_bytes() - self._read0,
+            hit_rate=float(self.hits.sum() / self.uses.sum()) if self.uses.sum() else None,
+            hit_rate_by_layer=hit_layer, skipped_slots=self.skipped,
+            callback_calls=observer.calls if observer is not None else 0,
+            callback_seconds=round(observer.seconds, 6) if observer is not None else 0.0,
+            callback_error=repr(observer.error) if observer is not None and observer.error else None,
+            tier_names=[t.name for t in index.tiers], pager=ps,
+        )
