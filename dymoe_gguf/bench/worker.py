@@ -1,0 +1,266 @@
+"""One benchmark configuration, in its own process: ``python -m dymoe_gguf.bench.worker '<json config>'``.
+
+Prints exactly one JSON line (the result) on stdout. The parent puts this process in the memory
+cgroup before it starts (so everything it touches is charged to the cap) and records a death by
+signal (the OOM killer) as ``"killed": true`` — the worker itself cannot.
+
+What is timed, from a cold page cache (``posix_fadvise(DONTNEED)`` on every file of the model):
+
+* ``ttft_s``  — open the model (stock: llama.cpp's load, which reads the whole file unless the
+  patch's no-populate is on; dymoe: load, warm-up decode, attach, initial warming) + evaluate the
+  prompt + pick the first token: the time a user waits after starting the program;
+* ``tpot_s``  — median over ``tokens`` single-token decode steps (``llm.eval([tok])`` + argmax).
+  Decode steps feed a fixed, seeded token sequence (the same in every configuration), so every
+  configuration routes the same inputs; greedy output of a random-weight model would loop on a few
+  tokens and make routing unrealistically repetitive.
+
+Measured alongside: bytes read from storage (``/proc/self/io`` read_bytes, all threads, including the
+pager's prefetches), major page faults (``getrusage``), peak RSS (``ru_maxrss`` and psutil samples),
+resident model bytes (``mincore`` over every model file), and the controller's own stats.
+
+Config keys: ``kind`` (stock | dymoe | quality), ``model`` (stock: a GGUF; dymoe/quality: a bundle),
+``files`` (dropped from the cache first), ``repack``, ``madv_random`` (stock), ``mode``, ``lookahead``,
+``skip``, ``budget`` (dymoe), ``prompt_tokens``, ``tokens``, ``threads``, ``n_ctx``, ``seed``,
+``drop_cache`` (default true), and for tests ``allocate`` (bytes of anonymous memory to touch first)
+and ``self_kill`` (die by SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from dymoe_gguf._native import vm
+
+
+# ---------------------------------------------------------------------------- measurements
+def resident_bytes(files: list[str]) -> dict[str, int]:
+    """Page-cache residency (mincore) of whole files, in bytes per file."""
+    out = {}
+    for f in files:
+        m = vm.Mapping.open(f)  # a fresh read-only mapping: mincore reports the file's page cache
+        try:
+            out[f] = int(m.residency().sum()) * vm.PAGE
+        finally:
+            m.close()
+    return out
+
+
+def mappings_of(path: str) -> list[tuple[int, int]]:
+    """(start, length) of this process's mappings of ``path`` (from /proc/self/maps)."""
+    real = os.path.realpath(path)
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].strip() == real:
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                out.append((a, b - a))
+    return out
+
+
+def proc_status() -> dict[str, int]:
+    """VmHWM / VmRSS / RssAnon / RssFile of this process, bytes."""
+    keys = {"VmHWM", "VmRSS", "RssAnon", "RssFile"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class Meter:
+    """Counters at a point in time; ``since()`` gives the deltas."""
+
+    def __init__(self) -> None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.t = time.perf_counter()
+        self.read = vm.read_bytes()
+        self.majflt = ru.ru_majflt
+        self.cpu = ru.ru_utime + ru.ru_stime
+
+    def since(self, start: Meter) -> dict[str, float]:
+        return {"seconds": self.t - start.t, "bytes_read": self.read - start.read,
+                "major_faults": self.majflt - start.majflt, "cpu_seconds": self.cpu - start.cpu}
+
+
+# ---------------------------------------------------------------------------- opening a model
+def _open(cfg: dict) -> tuple[Any, Any]:
+    """(llm, controller or None) for a configuration."""
+    n = {"n_ctx": cfg.get("n_ctx", 512), "n_threads": cfg["threads"], "n_threads_batch": cfg["threads"],
+         "n_batch": cfg.get("n_ctx", 512)}
+    if cfg["kind"] == "stock":
+        from dymoe_gguf._native.llama import open_llama
+
+        os.environ.pop("DYMOE_NO_POPULATE", None)  # stock: patch features off
+        llm = open_llama(cfg["model"], repack=bool(cfg.get("repack", False)), **n)
+        if cfg.get("madv_random"):
+            ranges = mappings_of(cfg["model"])
+            if not ranges:
+                raise RuntimeError(f"no mapping of {cfg['model']} found in /proc/self/maps")
+            for addr, length in ranges:
+                err = vm.madvise(addr, length, vm.MADV_RANDOM)
+                if err:
+                    raise OSError(err, "madvise(MADV_RANDOM) failed on the model mapping")
+        return llm, None
+    from dymoe_gguf.runtime.controller import Controller
+
+    ctl = Controller.open(cfg["model"], memory_budget=cfg.get("budget"), policy=cfg.get("policy", "dymoe"),
+                          mode=cfg.get("mode", "auto"), lookahead=int(cfg.get("lookahead", 1)),
+                          skip_threshold=float(cfg.get("skip", 0.0)))
+    try:
+        llm = ctl.llama(**n)
+    except BaseException:
+        ctl.close()
+        raise
+    return llm, ctl
+
+
+def _argmax(llm: Any) -> int:
+    from llama_cpp import llama_cpp as low
+
+    ptr = low.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))))
+
+
+# ---------------------------------------------------------------------------- one configuration
+def run_speed(cfg: dict) -> dict:
+    """Open, prompt, decode; every measurement of one configuration."""
+    files = [str(f) for f in cfg["files"]]
+    res: dict[str, Any] = {"name": cfg.get("name"), "kind": cfg["kind"]}
+    if cfg.get("drop_cache", True):
+        for f in files:
+            vm.drop_file_cache(f)
+    res["resident_at_start"] = sum(resident_bytes(files).values())
+    proc = psutil.Process()
+    rss_peak = proc.memory_info().rss
+
+    m0 = Meter()
+    llm, ctl = _open(cfg)
+    m1 = Meter()
+    try:
+        n_vocab = llm.n_vocab()
+        rng = np.random.default_rng(int(cfg.get("seed", 0)))
+        prompt = rng.integers(0, n_vocab, int(cfg.get("prompt_tokens", 32))).tolist()
+        feed = rng.integers(0, n_vocab, int(cfg["tokens"])).tolist()
+        llm.reset()
+        llm.eval(prompt)
+        first = _argmax(llm)
+        m2 = Meter()
+        rss_peak = max(rss_peak, proc.memory_info().rss)
+        steps = []
+        for tok in feed:
+            t = time.perf_counter()
+            llm.eval([tok])
+            _argmax(llm)
+            steps.append(time.perf_counter() - t)
+            rss_peak = max(rss_peak, proc.memory_info().rss)
+        m3 = Meter()
+        stats = ctl.stats().to_dict() if ctl is not None else None
+        if stats:
+            stats.pop("tiers_by_layer", None)
+    finally:
+        if ctl is not None:
+            ctl.close()
+        else:
+            llm.close()
+    load, prompt_d, decode = m1.since(m0), m2.since(m1), m3.since(m2)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    n = len(steps)
+    res.update({
+        "first_token": first,
+        "load_s": load["seconds"], "prompt_s": prompt_d["seconds"],
+        "ttft_s": load["seconds"] + prompt_d["seconds"],
+        "tpot_s": statistics.median(steps), "tpot_mean_s": sum(steps) / n,
+        "tpot_p90_s": float(np.percentile(steps, 90)), "tokens": n, "step_s": [round(s, 5) for s in steps],
+        "bytes_read_load": load["bytes_read"], "bytes_read_prompt": prompt_d["bytes_read"],
+        "bytes_read_decode": decode["bytes_read"], "bytes_per_token": decode["bytes_read"] / n,
+        "bytes_read_total": m3.read - m0.read,
+        "major_faults_load": load["major_faults"], "major_faults_prompt": prompt_d["major_faults"],
+        "major_faults_decode": decode["major_faults"], "major_faults_per_token": decode["major_faults"] / n,
+        "cpu_s_per_token": decode["cpu_seconds"] / n,
+        "peak_rss": max(rss_peak, ru.ru_maxrss * 1024), "ru_maxrss": ru.ru_maxrss * 1024,
+        "resident_model_bytes": sum(resident_bytes(files).values()),
+        "controller": stats,
+    })
+    res.update({k.lower(): v for k, v in proc_status().items()})
+    return res
+
+
+def run_quality(cfg: dict) -> dict:
+    """ppl / KL / top-1 of a bundle under a policy on held-out text (see :func:`dymoe_gguf.quality.eval.evaluate`)."""
+    from dymoe_gguf.quality.eval import evaluate
+
+    kw: dict[str, Any] = {}
+    if cfg.get("budget") is not None:
+        kw["memory_budget"] = cfg["budget"]
+    for k in ("mode", "lookahead"):
+        if k in cfg:
+            kw[k] = cfg[k]
+    if cfg.get("skip"):
+        kw["skip_threshold"] = float(cfg["skip"])
+    r = evaluate(Path(cfg["model"]), Path(cfg["text"]), ctx=int(cfg.get("ctx", 256)),
+                 max_chunks=cfg.get("chunks"), policy=cfg.get("policy", "off"), n_threads=cfg["threads"], **kw)
+    d = r.to_dict()
+    st = d.pop("stats", None) or {}
+    skipped = None
+    if cfg.get("skip") and st.get("skipped_slots") is not None and st.get("tokens"):
+        from dymoe_gguf.bundle import BundleIndex
+
+        idx = BundleIndex(Path(cfg["model"]))
+        k = _expert_used_count(idx)
+        skipped = st["skipped_slots"] / (st["tokens"] * len(idx.moe_layers) * k) if k else None
+    return {"name": cfg.get("name"), "kind": "quality", "ppl": d["ppl"], "kl": d["kl_mean"], "kl_p99": d["kl_p99"],
+            "top1": d["top1"], "tokens": d["tokens"], "policy": d["policy"],
+            "resident_expert_bytes": st.get("max_resident_expert_bytes"), "budget": cfg.get("budget"),
+            "skipped_share": skipped}
+
+
+def _expert_used_count(index: Any) -> int | None:
+    """top-k of the model (``<arch>.expert_used_count`` in the base GGUF)."""
+    import gguf
+
+    f = gguf.GGUFReader(index.base_path, "r").get_field(f"{index.arch}.expert_used_count")
+    return int(f.contents()) if f is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = json.loads(argv[0])
+    cfg.setdefault("threads", os.cpu_count() or 1)
+    if cfg.get("allocate"):  # tests: exceed the cap with anonymous memory
+        block = bytearray(int(cfg["allocate"]))
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+    if cfg.get("self_kill"):  # tests: die as the OOM killer would kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.perf_counter()
+    try:
+        res = run_quality(cfg) if cfg["kind"] == "quality" else run_speed(cfg)
+        res["ok"] = True
+    except Exception as exc:  # a configuration that fails is a result too
+        res = {"name": cfg.get("name"), "kind": cfg.get("kind"), "ok": False,
+               "error": f"{type(exc).__name__}: {exc}"}
+    res["wall_s"] = time.perf_counter() - t0
+    sys.stdout.write(json.dumps(res) + "\n")
+    sys.stdout.flush()
+    return 0 if res["ok"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
