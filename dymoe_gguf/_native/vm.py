@@ -103,15 +103,7 @@ class Mapping:
         this MADV_RANDOM mapping would fault the range in one page at a time. The mapping then
         finds the pages cached (minor faults only).
         """
-        start, n = _round(offset, length)
-        n = min(n, self.size - start)
-        buf = _scratch(n)
-        done = 0
-        while done < n:
-            got = os.preadv(self.fd, [buf[done:n]], start + done)
-            if got <= 0:
-                break
-            done += got
+        read_range(self.fd, offset, length, self.size)
 
     def evict(self, offset: int, length: int) -> None:
         """Drop a byte range from this process and, where unmapped elsewhere, from the page cache."""
@@ -122,6 +114,40 @@ class Mapping:
         # the kernel drops only whole pages inside the range: round it out to pages
         fstart, fn = _round(offset, length)
         fadvise_dontneed(self.fd, fstart, fn)
+
+
+def read_range(fd: int, offset: int, length: int, size: int) -> None:
+    """Read the pages of ``[offset, offset+length)`` of a file of ``size`` bytes into the page cache
+    with large ``pread`` calls (the data is discarded)."""
+    start, n = _round(offset, length)
+    n = min(n, size - start)
+    if n <= 0:
+        return
+    chunk = min(n, 8 << 20)
+    buf = _scratch(chunk)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [buf[:min(chunk, n - done)]], start + done)
+        if got <= 0:
+            break
+        done += got
+
+
+def file_mappings(path: str) -> list[tuple[int, int, int]]:
+    """(address, length, file offset) of this process's mappings of ``path`` (Linux /proc/self/maps;
+    empty elsewhere)."""
+    real = os.path.realpath(path)
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].strip() == real:
+                    a, b = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((a, b - a, int(parts[2], 16)))
+    except OSError:
+        pass
+    return out
 
 
 def madvise(addr: int, length: int, advice: int) -> int:

@@ -15,6 +15,7 @@ layers. Every ``reallocate_every`` tokens the allocator re-plans tiers under the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ from dymoe_gguf.runtime.views import BASE, Views
 
 log = logging.getLogger(__name__)
 _NORMALISED = {"llama", "qwen3moe"}  # archs whose top-k weights llama.cpp renormalises (norm_w)
+
+
+def _coalesce(ranges: list[tuple[int, int]], gap: int = 1 << 16) -> list[tuple[int, int]]:
+    """Sorted (offset, length) ranges merged where they touch or nearly touch (one read each)."""
+    out: list[list[int]] = []
+    for off, n in sorted(ranges):
+        if out and off - (out[-1][0] + out[-1][1]) <= gap:
+            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
+        else:
+            out.append([off, n])
+    return [(a, b) for a, b in out]
 
 
 class Controller:
@@ -78,6 +90,7 @@ class Controller:
         self.routing_hooks: list = []  # fn(layer, ids [n_tokens, k]) after each layer's routing is recorded
         self._live = False  # set once attached: the warm-up decode only discovers tensors
         self._manual: np.ndarray | None = None  # policy manual: tier per (MoE layer, expert), BASE allowed
+        self._warmup_expert: int | None = None  # cold start: the warm-up decode routes every slot here
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,7 +158,8 @@ class Controller:
         llm = open_llama(self.index.base_path, cb_eval=self._cb, no_populate=no_populate, **kwargs)
         self._llm = llm
         try:
-            self._attach(llm, no_populate)
+            cold = self._prepare_cold_start() if no_populate else False
+            self._attach(llm, populate_dense=no_populate and not cold)
         except BaseException:
             self.close()
             raise
@@ -161,7 +175,34 @@ class Controller:
                 if vm.madvise(mapped + t.offset, t.nbytes, vm.MADV_POPULATE_READ) != 0:
                     vm.madvise(mapped + t.offset, t.nbytes, vm.MADV_WILLNEED)
 
-    def _attach(self, llm: Any, no_populate: bool = False) -> None:
+    def _prepare_cold_start(self) -> bool:
+        """After a no-populate load, before the warm-up decode: read the dense weights in bulk, switch
+        off fault read-ahead on the base file's experts (one fault would read megabytes of experts no
+        view will ever read) and make the warm-up decode read expert 0 of each layer only, read in
+        bulk here. False where the base file's mapping cannot be found (not Linux)."""
+        # llama.cpp maps the whole file once and unmaps the header's pages after loading: the mapping
+        # that remains starts at a file offset > 0
+        maps = {a - off for a, _n, off in vm.file_mappings(str(self.index.base_path))}
+        if len(maps) != 1:
+            return False
+        addr = maps.pop()
+        experts = {n: t for n, t in self.index.base_tensors.items() if "_exps." in n}
+        dense = sorted((t.offset, t.nbytes) for n, t in self.index.base_tensors.items() if n not in experts)
+        first = [(t.offset, t.nbytes // self.index.n_expert) for t in experts.values()]  # expert 0's slices
+        fd = os.open(self.index.base_path, os.O_RDONLY)
+        try:
+            vm.fadvise(fd, 0, 0, vm.POSIX_FADV_RANDOM)
+            size = os.fstat(fd).st_size
+            for t in experts.values():
+                vm.madvise(addr + t.offset, t.nbytes, vm.MADV_RANDOM)
+            for off, n in _coalesce(dense + first):
+                vm.read_range(fd, off, n, size)
+        finally:
+            os.close(fd)
+        self._warmup_expert = 0
+        return True
+
+    def _attach(self, llm: Any, populate_dense: bool = False) -> None:
         """Warm-up decode to discover the weight tensors, then map tiers, bind views, start the pager."""
         bos = llm.token_bos()
         llm.eval([bos if bos >= 0 else 0])
@@ -198,7 +239,7 @@ class Controller:
         self.pager = Pager(self.index, self._mappings, self.cfg.budget, self.views.base_ranges())
         for addr, n in self.views.base_ranges():
             vm.madvise(addr, n, vm.MADV_RANDOM)
-        if no_populate:  # the non-expert weights are read every token: bring them in now, in bulk
+        if populate_dense:  # the non-expert weights are read every token: bring them in now, in bulk
             self._populate_dense()
         self._reallocate()
         self._apply_all()
@@ -300,6 +341,8 @@ class Controller:
         ids = view.copy()  # [n_tokens, k]
         if not self._live:  # warm-up decode: discovery only
             self.k = ids.shape[1]
+            if self._warmup_expert is not None:  # read only the expert already brought in
+                view[:] = self._warmup_expert
             return
         mi = self._mi[layer]
         n = len(ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 
 import numpy as np
@@ -213,3 +214,30 @@ def test_manual_tiers(q8_bundle, mode):
         else:
             with pytest.raises(RuntimeConfigError, match="one tier per layer"):
                 ctl.set_tiers({(0, 0): "Q2_K"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/io, /proc/self/maps: Linux")
+def test_cold_start_reads_dense_weights_and_budget_only(bundle):
+    """Patched build under a budget: opening reads the non-expert weights, one expert per layer for the
+    warm-up decode and at most the budget (the pager's warming), not the base file's experts."""
+    from dymoe_gguf._native import patch, vm
+    from dymoe_gguf.bundle import BundleIndex
+
+    if patch.load() is None:
+        pytest.skip("needs the patched llama.cpp (no-populate)")
+    out = bundle("qwen3moe", base_tier=Tier.Q4_K, n_layer=3, n_expert=64)
+    idx = BundleIndex(out)
+    experts = sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." in n)
+    dense = sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." not in n)
+    budget = 1 << 20
+    for f in [idx.base_path, *idx.tier_paths.values()]:
+        vm.drop_file_cache(str(f))
+    with Controller.open(out, memory_budget=budget, policy="dymoe") as ctl:
+        before = vm.read_bytes()
+        llm = ctl.llama(n_ctx=64, n_threads=2)
+        read = vm.read_bytes() - before
+        assert llm.eval(PROMPT) is None and ctl.stats().callback_error is None
+    if read == 0:
+        pytest.skip("/proc/self/io does not count reads here")
+    one_expert_per_layer = 3 * experts // (3 * 64)
+    assert read <= dense + one_expert_per_layer + budget + (256 << 10), (read, dense, experts)
