@@ -15,7 +15,7 @@ What is timed, from a cold page cache (``posix_fadvise(DONTNEED)`` on every file
   tokens and make routing unrealistically repetitive.
 
 Measured alongside: bytes read from storage (``/proc/self/io`` read_bytes, all threads, including the
-pager's prefetches), major page faults (``getrusage``), peak RSS (``ru_maxrss`` and psutil samples),
+pager's prefetches), major page faults (``getrusage``), peak RSS (``VmHWM`` and psutil samples),
 resident model bytes (``mincore`` over every model file), and the controller's own stats.
 
 Config keys: ``kind`` (stock | dymoe | quality), ``model`` (stock: a GGUF; dymoe/quality: a bundle),
@@ -53,19 +53,6 @@ def resident_bytes(files: list[str]) -> dict[str, int]:
             out[f] = int(m.residency().sum()) * vm.PAGE
         finally:
             m.close()
-    return out
-
-
-def mappings_of(path: str) -> list[tuple[int, int]]:
-    """(start, length) of this process's mappings of ``path`` (from /proc/self/maps)."""
-    real = os.path.realpath(path)
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            if len(parts) == 6 and parts[5].strip() == real:
-                a, b = (int(x, 16) for x in parts[0].split("-"))
-                out.append((a, b - a))
     return out
 
 
@@ -110,10 +97,10 @@ def _open(cfg: dict) -> tuple[Any, Any]:
         os.environ.pop("DYMOE_NO_POPULATE", None)  # stock: patch features off
         llm = open_llama(cfg["model"], repack=bool(cfg.get("repack", False)), **n)
         if cfg.get("madv_random"):
-            ranges = mappings_of(cfg["model"])
+            ranges = vm.file_mappings(cfg["model"])
             if not ranges:
                 raise RuntimeError(f"no mapping of {cfg['model']} found in /proc/self/maps")
-            for addr, length in ranges:
+            for addr, length, _off in ranges:
                 err = vm.madvise(addr, length, vm.MADV_RANDOM)
                 if err:
                     raise OSError(err, "madvise(MADV_RANDOM) failed on the model mapping")
@@ -194,7 +181,8 @@ def run_speed(cfg: dict) -> dict:
         "major_faults_load": load["major_faults"], "major_faults_prompt": prompt_d["major_faults"],
         "major_faults_decode": decode["major_faults"], "major_faults_per_token": decode["major_faults"] / n,
         "cpu_s_per_token": decode["cpu_seconds"] / n,
-        "peak_rss": max(rss_peak, ru.ru_maxrss * 1024), "ru_maxrss": ru.ru_maxrss * 1024,
+        # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
+        "peak_rss": max(rss_peak, proc_status().get("VmHWM", 0)), "ru_maxrss": ru.ru_maxrss * 1024,
         "resident_model_bytes": sum(resident_bytes(files).values()),
         "controller": stats,
     })
