@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from dymoe_gguf import __version__
@@ -48,7 +49,14 @@ def test_inspect_detects_foreign_sidecar(tmp_path, bundle, hf_model):
     a = bundle("qwen3moe", base_tier=Tier.Q4_K)
     b = tmp_path / "b"
     convert(hf_model("qwen3moe"), b, base_tier=Tier.Q4_K, tiers=(Tier.Q2_K, Tier.Q4_K, Tier.Q8_0), threads=2)
+    first = BundleIndex(b)  # valid: cached
+    from pathlib import Path
+
+    assert any(Path(os.environ["DYMOE_INDEX_CACHE"]).glob("*.pkl"))
+    assert BundleIndex(b).to_dict() == first.to_dict()
     shutil.copy(a / "experts.Q2_K.gguf", b / "experts.Q2_K.gguf")  # same shapes, other conversion
+    with pytest.raises(BundleError, match="another conversion"):  # the cached index is not reused
+        BundleIndex(b)
     res = CliRunner().invoke(cli, ["inspect", str(b)])
     assert res.exit_code == 1 and "another conversion" in res.output and "Traceback" not in res.output
     (b / "experts.Q8_0.gguf").write_bytes((a / "experts.Q8_0.gguf").read_bytes()[:50000])

@@ -10,7 +10,7 @@ from dymoe_gguf.util import human_bytes
 
 def inspect_bundle(path: Path) -> dict:
     """Open (and so validate) the bundle; return its summary."""
-    return BundleIndex(path).to_dict()
+    return BundleIndex(path, use_cache=False).to_dict()  # inspect validates from the files themselves
 
 
 def render(summary: dict) -> str:

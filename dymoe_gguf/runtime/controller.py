@@ -155,6 +155,8 @@ class Controller:
                        extra=extra)
         self.observer = obs
         self._cb = make_eval_callback(obs)
+        if no_populate:
+            self._read_header()
         llm = open_llama(self.index.base_path, cb_eval=self._cb, no_populate=no_populate, **kwargs)
         self._llm = llm
         try:
@@ -174,6 +176,17 @@ class Controller:
             if "_exps." not in name:
                 if vm.madvise(mapped + t.offset, t.nbytes, vm.MADV_POPULATE_READ) != 0:
                     vm.madvise(mapped + t.offset, t.nbytes, vm.MADV_WILLNEED)
+
+    def _read_header(self) -> None:
+        """Bring the base file's metadata in before llama.cpp parses it: its buffered reads would
+        otherwise start the device's read-ahead (8 MiB here), which runs on into the experts."""
+        end = min((t.offset for t in self.index.base_tensors.values()), default=0)
+        fd = os.open(self.index.base_path, os.O_RDONLY)
+        try:
+            vm.fadvise(fd, 0, 0, vm.POSIX_FADV_RANDOM)
+            vm.read_range(fd, 0, end, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
     def _prepare_cold_start(self) -> bool:
         """After a no-populate load, before the warm-up decode: read the dense weights in bulk, switch
