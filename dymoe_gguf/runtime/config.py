@@ -20,6 +20,9 @@ class RuntimeConfig:
     policy: str = "dymoe"
     budget: int | None = None  # resident expert bytes; None = unlimited
     lookahead: int = 1  # layers predicted ahead (0 = off)
+    # prefetch for a layer only while its measured look-ahead recall (moving average over recent
+    # tokens) is at least this: a wrong guess costs a read and may evict a kept expert (0 = always)
+    lookahead_min_recall: float = 0.6
     skip_threshold: float = 0.0  # drop selected experts whose gate weight is below this (0 = off)
     depth: str = "cosine"  # r(l) schedule: cosine | linear | constant
     r_max: float = 1.0  # share of experts above the lowest tier in the first layer
@@ -64,6 +67,8 @@ def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, *
     cfg = RuntimeConfig(policy=policy, budget=parse_budget(memory_budget), **kw)
     if cfg.lookahead < 0 or cfg.lookahead > 8:
         raise RuntimeConfigError(f"Expected --lookahead between 0 and 8, got {cfg.lookahead}")
+    if not 0 <= cfg.lookahead_min_recall <= 1:
+        raise RuntimeConfigError(f"Expected lookahead_min_recall in [0, 1], got {cfg.lookahead_min_recall}")
     if not 0 <= cfg.skip_threshold < 1:
         raise RuntimeConfigError(f"Expected a skip threshold in [0, 1), got {cfg.skip_threshold}")
     if cfg.mode not in ("auto", "per-layer", "per-expert"):

@@ -427,6 +427,8 @@ class Controller:
 
     def _prefetch(self, target_mi: int, pred: np.ndarray) -> None:
         assert self.pager is not None
+        if not self.counter.prefetching[target_mi]:  # predictions too poor to pay for their reads
+            return
         experts = np.unique(pred)
         tiers = self._vt[target_mi][experts]
         ok = tiers >= 0
@@ -459,6 +461,20 @@ class Controller:
         self._pred.setdefault(mi + 1, []).append((1, pred))
         self._prefetch(mi + 1, pred)
 
+    RECALL_ALPHA = 0.1  # weight of the latest token in the moving average of look-ahead recall
+
+    def _update_recall(self, mi: int, recall: float) -> None:
+        """Prefetch for layer ``mi`` only while its recent recall is at least ``lookahead_min_recall``
+        (with a small hysteresis band, so the decision does not flap); predictions go on either way,
+        so prefetch comes back when routing becomes predictable."""
+        c = self.counter
+        c.recall_recent[mi] += self.RECALL_ALPHA * (recall - c.recall_recent[mi])
+        floor = self.cfg.lookahead_min_recall
+        if c.prefetching[mi] and c.recall_recent[mi] < floor:
+            c.prefetching[mi] = False
+        elif not c.prefetching[mi] and c.recall_recent[mi] >= min(1.0, floor + 0.05):
+            c.prefetching[mi] = True
+
     def _end_of_step(self, n_tokens: int) -> None:
         """After the last layer's routing: importance, look-ahead recall, re-planning — all layers at once."""
         step, self._step = self._step, []
@@ -475,6 +491,8 @@ class Controller:
                 pred = pred[len(pred) - len(ids):]  # the last layer keeps output rows only
                 hits = sum(len(set(a) & set(p)) for a, p in zip(ids.tolist(), pred.tolist()))
                 self.counter.lookahead.record(mi, dist, hits, ids.size, pred.size)
+                if dist == 1 and ids.size:
+                    self._update_recall(mi, hits / ids.size)
         self._pred.clear()
         self.counter.tokens += n_tokens
         self.counter.steps += 1

@@ -36,6 +36,9 @@ class ControllerStats:
     tiers_by_layer: list[list[int]] = field(default_factory=list)  # planned tier per (MoE layer, expert)
     tier_names: list[str] = field(default_factory=list)
     pager: dict = field(default_factory=dict)
+    # per MoE layer: moving average of its look-ahead recall, and whether prefetch for it is on
+    lookahead_recall_recent: list[float] = field(default_factory=list)
+    lookahead_prefetching: list[bool] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +55,8 @@ class StatsCounter:
         self.hits = np.zeros(n_moe_layers, dtype=np.int64)
         self.uses = np.zeros(n_moe_layers, dtype=np.int64)
         self.lookahead = LookaheadStats(n_moe_layers, max(1, lookahead))
+        self.recall_recent = np.ones(n_moe_layers)  # optimistic until measured
+        self.prefetching = np.ones(n_moe_layers, dtype=bool)
         self._read0 = vm.read_bytes()
         self._t0 = time.perf_counter()
 
@@ -79,4 +84,6 @@ class StatsCounter:
             callback_seconds=round(observer.seconds, 6) if observer is not None else 0.0,
             callback_error=repr(observer.error) if observer is not None and observer.error else None,
             tier_names=[t.name for t in index.tiers], pager=ps,
+            lookahead_recall_recent=[round(float(x), 4) for x in self.recall_recent],
+            lookahead_prefetching=[bool(x) for x in self.prefetching],
         )

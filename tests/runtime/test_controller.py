@@ -241,3 +241,35 @@ def test_cold_start_reads_dense_weights_and_budget_only(bundle):
         pytest.skip("/proc/self/io does not count reads here")
     one_expert_per_layer = 3 * experts // (3 * 64)
     assert read <= dense + one_expert_per_layer + budget + (256 << 10), (read, dense, experts)
+
+
+def test_lookahead_prefetch_pauses_when_recall_is_poor(bundle):
+    """Random routing is not predictable: prefetch switches itself off for those layers (and stays on
+    when the floor is 0), while recall is still measured."""
+    from dymoe_gguf.bundle import BundleIndex
+
+    out = bundle("qwen3moe", base_tier=Tier.Q4_K, n_layer=3, n_expert=16, skew=0.0)
+    budget = int(BundleIndex(out).expert_bytes()[..., 0].sum() * 0.5)  # experts come and go
+
+    def decode(floor: float) -> tuple[dict, int, int]:
+        with Controller.open(out, memory_budget=budget, policy="dymoe", lookahead=1,
+                             lookahead_min_recall=floor) as ctl:
+            llm = ctl.llama(n_ctx=256, n_threads=2)
+            llm.reset()
+            llm.eval(PROMPT)
+            rng = np.random.default_rng(0)
+            for i, tok in enumerate(rng.integers(0, 256, 60).tolist()):
+                llm.eval([tok])
+                if i == 39:
+                    mid = ctl.pager.stats.prefetch_requests
+            s = ctl.stats().to_dict()
+            return s, mid, ctl.pager.stats.prefetch_requests
+
+    s, mid, end = decode(0.95)
+    assert s["lookahead_recall"] is not None and s["lookahead_recall"] < 0.9, s["lookahead_recall"]
+    assert s["lookahead_prefetching"][1:] == [False, False], s["lookahead_recall_recent"]
+    assert end == mid  # no prefetch requests in the last 20 tokens
+    s, mid, end = decode(0.0)
+    assert all(s["lookahead_prefetching"]) and end > mid
+    with pytest.raises(RuntimeConfigError, match="lookahead_min_recall"):
+        Controller.open(out, lookahead_min_recall=1.5)
