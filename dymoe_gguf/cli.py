@@ -260,12 +260,21 @@ def doctor(as_json: bool) -> None:
 @click.option("--configs", default=None, help="Comma-separated configuration names [default: all; quick: 4].")
 @click.option("-t", "--threads", type=click.IntRange(1, 512), help="Threads [default: all cores].")
 @click.option("--no-quality", is_flag=True, help="Skip the quality columns (trained model).")
+@click.option("--read-bps", "read_bps", default=None, metavar="RATE",
+              help="Throttle every configuration's storage reads to RATE bytes/s (90MB ~ a Raspberry Pi SD card, "
+                   "800MB ~ NVMe) with a blkio / io.max cgroup on the disk holding the models [default: off].")
 @click.option("--json", "as_json", is_flag=True, help="Print the headline as JSON.")
 @_errors
 def bench(quick: bool, layers: int | None, cap: str, sweep: str | None, out: Path, tokens: int, configs: str | None,
-          threads: int | None, no_quality: bool, as_json: bool) -> None:
+          threads: int | None, no_quality: bool, read_bps: str | None, as_json: bool) -> None:
     """Stock llama.cpp against dymoe under a memory cap (cgroup), cold cache, one run; ratios and a report."""
+    from dymoe_gguf.bench.cgroup import parse_rate
     from dymoe_gguf.bench.run import BenchOptions, run_bench
+
+    try:
+        rate = parse_rate(read_bps) if read_bps is not None else None
+    except DymoeError as exc:
+        raise DymoeError(f"--read-bps: {exc}") from None
 
     if sweep is None:
         shares = () if quick else (0.35, 0.75)
@@ -277,11 +286,11 @@ def bench(quick: bool, layers: int | None, cap: str, sweep: str | None, out: Pat
                                      param_hint="--sweep") from None
     names = [c.strip() for c in configs.split(",") if c.strip()] if configs else None
     res = run_bench(BenchOptions(out=out, quick=quick, layers=layers, cap=cap, sweep=shares, tokens=tokens,
-                                 configs=names, threads=threads, quality=not no_quality),
+                                 configs=names, threads=threads, quality=not no_quality, read_bps=rate),
                     log=lambda s: click.echo(s, err=True))
     h = res["headline"]
-    summary = {k: h[k] for k in ("tpot_ratio", "ttft_ratio", "tpot_ratio_tuned", "capped")} | {
-        k: v for k, v in h.items() if k not in ("tpot_ratio", "ttft_ratio", "tpot_ratio_tuned", "capped")}
+    first = ("tpot_ratio", "ttft_ratio", "tpot_ratio_tuned", "capped", "read_bps", "throttled")
+    summary = {k: h.get(k) for k in first} | {k: v for k, v in h.items() if k not in first}
     summary["report"] = res["files"]["markdown"]
     summary["seconds"] = round(res["seconds"], 1)
     text = (Path(res["files"]["markdown"]).read_text() + f"\nwrote {', '.join(res['files'].values())}")

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dymoe_gguf.bench.cgroup import fmt_rate as _rate
+
 MiB = 1 << 20
 
 # name -> (sequential read bytes/s, latency of one synchronous 4 KiB random read, s). Assumptions, stated.
@@ -73,12 +75,37 @@ def cap_line(result: dict) -> str:
             "every ratio below is uncapped, not under memory pressure.")
 
 
+def unthrottled(result: dict) -> bool:
+    """A read throttle was asked for (``--read-bps``) but could not be set."""
+    return bool(result.get("read_bps")) and not (result.get("throttle") or {}).get("throttled")
+
+
+def throttle_line(result: dict) -> str | None:
+    """The storage read throttle (``--read-bps``), or why there is none; None when not asked for."""
+    t = result.get("throttle")
+    if not result.get("read_bps") or not t:
+        return None
+    if not t.get("throttled"):
+        return (f"**UNTHROTTLED** — storage reads could not be throttled to {_rate(result['read_bps'])} "
+                f"({t.get('reason')}); every result below ran at this machine's own storage speed.")
+    devs = ", ".join(f"{d['device']} ({d['dev']})" for d in t["devices"])
+    line = (f"Throttled: storage reads throttled to {_rate(result['read_bps'])} ({t['mechanism']}) on {devs}: every "
+            "configuration's process read the model through a cgroup with that read limit (emulated slower storage; "
+            "page-cache hits are not limited).")
+    p = t.get("probe")
+    if p and p.get("bps"):
+        line += (f" Probe: {p['bytes'] / 1e6:.0f} MB read cold in {p['seconds']:.2f} s = {_rate(p['bps'])}"
+                 + (f" ({p['note']})" if p.get("note") else "") + ".")
+    return line
+
+
 def header(result: dict) -> list[str]:
     m = result["machine"]
     ra = ", ".join(f"{d} {kb} KiB" for d, kb in m["read_ahead_kb"].items()) or "n/a"
     md = m.get("model_device")
+    thr = throttle_line(result)
     lines = [
-        cap_line(result), "",
+        cap_line(result), *([thr] if thr else []), "",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, "
         f"{m['system']} {m['kernel']}; page size {m['page_size']} B",
         f"- storage read-ahead (read_ahead_kb): {ra}"
@@ -181,12 +208,13 @@ def runs_table(result: dict, share: float) -> list[str]:
                     f"{_fmt(c.get('lookahead_recall'), '.0%')}"
             if c.get("skipped_slots"):
                 extra += f", skipped {skipped_share(r, result):.0%} of slots"
+        labels = ("" if r["capped"] else " (uncapped)") + (
+            " (unthrottled)" if result.get("read_bps") and not r.get("throttled") else "")
         lines.append(
             f"| {r['name']} | {r['ttft_s']:.2f} | {1000 * r['tpot_s']:.1f} | {_x(r.get('tpot_speedup'))} | "
             f"{_x(r.get('ttft_speedup'))} | {r['bytes_per_token'] / MiB:.2f} | {r['major_faults_per_token']:.0f} | "
             f"{r['peak_rss'] / MiB:.0f} | {_fmt(r.get('cgroup_peak'), '.0f', 1 / MiB)} | "
-            f"{r['resident_model_bytes'] / MiB:.0f} | ok{'; ' + extra if extra else ''}"
-            f"{'' if r['capped'] else ' (uncapped)'} |")
+            f"{r['resident_model_bytes'] / MiB:.0f} | ok{'; ' + extra if extra else ''}{labels} |")
     return lines
 
 
@@ -248,9 +276,10 @@ def targets(result: dict) -> list[str]:
 
 
 def render_markdown(result: dict) -> str:
-    """The whole report; its first line says whether the runs were capped."""
+    """The whole report; its first line says whether the runs were capped, the next one the read throttle."""
     lines = header(result)
-    lines += ["", "## Headline" + ("" if result["capped"] else " (uncapped)"), ""] + headline_table(result)
+    lines += ["", "## Headline" + ("" if result["capped"] else " (uncapped)")
+              + (" (unthrottled)" if unthrottled(result) else ""), ""] + headline_table(result)
     caveat = skip_caveat(result)
     lines += ([""] + [caveat] if caveat else [])
     lines += ["", "## Targets", ""] + targets(result)
@@ -263,11 +292,20 @@ def render_markdown(result: dict) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     lines += ["", "TPOT × / TTFT × = stock Q4_K repack-off (baseline) time ÷ this configuration's, same cap, same "
                   "run. TTFT = open the model + prompt + first token, cold page cache. Killed = the kernel's OOM "
-                  "killer ended it under the cap (a result, not a failure of the benchmark)."]
+                  "killer ended it under the cap (a result, not a failure of the benchmark)."
+              + (f" Storage reads throttled to {_rate(result['read_bps'])}: TTFT and TPOT include waiting for the "
+                 "throttled reads (page-cache hits are not throttled)." if result.get("read_bps")
+                 and not unthrottled(result) else "")]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- plots
+def _thr_title(result: dict) -> str:
+    if not result.get("read_bps"):
+        return ""
+    return " (UNTHROTTLED)" if unthrottled(result) else f", reads throttled to {_rate(result['read_bps'])}"
+
+
 def plot(result: dict, out: Path) -> list[Path]:
     """tpot_vs_budget.png (TPOT against cap, one line per configuration), bytes_per_token.png."""
     try:
@@ -290,7 +328,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax.set_xlabel("memory cap (MiB, anonymous + page cache)" if result["capped"] else "nominal cap (MiB, UNCAPPED)")
     ax.set_ylabel("TPOT (ms, median)")
     ax.set_yscale("log")
-    ax.set_title(("" if result["capped"] else "UNCAPPED — ") + "TPOT against memory budget")
+    ax.set_title(("" if result["capped"] else "UNCAPPED — ") + "TPOT against memory budget" + _thr_title(result))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -305,7 +343,7 @@ def plot(result: dict, out: Path) -> list[Path]:
             color=["tab:gray" if r["name"].startswith("stock") else "tab:blue" for r in rows])
     ax.set_xlabel("MiB read from storage per decoded token")
     ax.set_title(f"Bytes read per token at cap {result['cap_bytes'] / MiB:.0f} MiB"
-                 + ("" if result["capped"] else " (UNCAPPED)"))
+                 + ("" if result["capped"] else " (UNCAPPED)") + _thr_title(result))
     ax.invert_yaxis()
     fig.tight_layout()
     p = out / "bytes_per_token.png"

@@ -81,6 +81,7 @@ class BenchOptions:
     model: BenchModel | None = None  # default: OLMoE shape with ``layers`` layers
     timeout: float = 900.0
     allowance: int = RUNTIME_ALLOWANCE
+    read_bps: int | str | None = None  # throttle every configuration's storage reads ("90MB": bytes/s); None: off
     cache_root: Path | None = None
     extra: dict = field(default_factory=dict)  # extra worker settings (tests)
 
@@ -174,21 +175,50 @@ def q4k_expert_bytes(bundle: Path) -> int:
 
 
 # ---------------------------------------------------------------------------- one subprocess
+def _files_of(cfg: dict) -> list[Path]:
+    """The model files a configuration reads (what a read throttle must cover)."""
+    files = [Path(f) for f in cfg.get("files") or ()]
+    model = Path(cfg["model"]) if cfg.get("model") else None
+    if model is not None and model.is_file():
+        files.append(model)
+    elif model is not None and model.is_dir():
+        files += sorted(model.glob("*.gguf"))
+    return files
+
+
 def run_worker(cfg: dict, cap_bytes: int | None, timeout: float, env: dict | None = None,
-               entry: list[str] | None = None) -> dict:
+               entry: list[str] | None = None, read_bps: int | None = None,
+               read_devices: list[cgroup.BlockDevice] | None = None) -> dict:
     """Run one configuration in its own process (in its own memory cgroup when ``cap_bytes``).
 
-    ``entry`` replaces ``[python, -m, dymoe_gguf.bench.worker]`` (experiments with a modified worker).
+    ``read_bps`` throttles the process's storage reads on ``read_devices`` (default: the disks holding
+    the configuration's files); where that cannot be set up the run goes on unthrottled and says so
+    (``throttled: false``, ``throttle_error``). ``entry`` replaces ``[python, -m, dymoe_gguf.bench.worker]``
+    (experiments with a modified worker).
     """
     cap = cgroup.MemoryCap.create(cap_bytes) if cap_bytes else None
+    thr: cgroup.ReadThrottle | None = None
+    thr_error: str | None = None
     cmd = (entry or [sys.executable, "-m", "dymoe_gguf.bench.worker"]) + [json.dumps(cfg)]
     run_env = dict(os.environ if env is None else env)
     run_env.pop("DYMOE_NO_POPULATE", None)  # only the controller turns it on, for itself
     t0 = time.perf_counter()
     timed_out = False
     try:
+        if read_bps:
+            try:
+                devices = read_devices or sorted({cgroup.block_device(f) for f in _files_of(cfg)})
+                thr = cgroup.ReadThrottle.create(read_bps, devices, share_with=cap)
+            except cgroup.ThrottleUnavailable as exc:
+                thr_error = str(exc)
+        joins = [g.join_self for g in (cap, thr) if g is not None]
+
+        def enter_cgroups() -> None:  # in the child, before exec: everything it does is capped/throttled
+            for join in joins:
+                join()
+
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env,
-                                preexec_fn=cap.join_self if cap else None)
+                                preexec_fn=enter_cgroups if joins else None)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -214,7 +244,18 @@ def run_worker(cfg: dict, cap_bytes: int | None, timeout: float, env: dict | Non
             "oom_kills": oom, "cap_bytes": cap_bytes,
             "cgroup_peak": cap.peak() if cap else None, "cgroup_failcnt": cap.failcnt() if cap else None,
             "elapsed_s": time.perf_counter() - t0,
+            "read_bps": thr.rate if thr else None, "throttled": thr is not None,
+            "throttle_read_bytes": thr.read_bytes() if thr else None,
         })
+        storage = res.get("bytes_read_total") or 0
+        if thr is not None and storage >= 8 * MiB and res["throttle_read_bytes"] < storage / 2:
+            # the worker's reads came from storage, but not through the throttled disk(s)
+            res["throttled"] = False
+            thr_error = (f"the worker read {storage / MiB:.0f} MiB from storage but only "
+                         f"{res['throttle_read_bytes'] / MiB:.0f} MiB passed the throttled "
+                         f"{', '.join(d.name for d in thr.devices)}")
+        if thr_error:
+            res["throttle_error"] = thr_error
         if killed or timed_out:
             res["ok"] = False
             res.setdefault("error", "timed out" if timed_out else
@@ -226,8 +267,57 @@ def run_worker(cfg: dict, cap_bytes: int | None, timeout: float, env: dict | Non
             res["stderr_tail"] = err.decode(errors="replace").strip()[-800:]
         return res
     finally:
+        if thr is not None:
+            thr.close()
         if cap is not None:
             cap.close()
+
+
+def prepare_throttle(rate: int, files: list[Path]) -> dict[str, Any]:
+    """Set up a read throttle once, measure it, remove it: whether the runs can be throttled, and why not.
+
+    The probe reads about one second's worth (at ``rate``) of the largest file cold, in a process in the
+    throttle cgroup. It fails the throttle when the bytes came from storage but did not pass the
+    throttled disk, or when they came clearly faster than the limit (only judged where the read is long
+    enough: blk-throttle lets one 100 ms slice through at once). Never raises ThrottleUnavailable.
+    """
+    info: dict[str, Any] = {"read_bps": rate, "throttled": False, "reason": None, "mechanism": None,
+                            "devices": [], "probe": None, "line": None}
+    try:
+        devices = sorted({cgroup.block_device(f) for f in files})
+        info["devices"] = [{"device": d.name, "dev": d.dev} for d in devices]
+        thr = cgroup.ReadThrottle.create(rate, devices)
+        try:
+            info["mechanism"], info["line"] = thr.mechanism, thr.describe()
+            big = max(files, key=lambda f: f.stat().st_size)
+            n = min(big.stat().st_size, rate)  # about one second of reads at the limit
+            probe = thr.probe(big, n)
+        finally:
+            thr.close()
+    except cgroup.ThrottleUnavailable as exc:
+        info["reason"] = str(exc)
+        return info
+    n, secs = probe["bytes"], probe["seconds"]
+    probe |= {"file": str(big), "bps": n / secs if secs > 0 else None}
+    info["probe"] = probe
+    storage = probe["storage_bytes"]
+    if storage is not None and storage >= n / 2 and probe["cgroup_bytes"] < storage / 2:
+        info["reason"] = (f"the probe read {storage / MiB:.0f} MiB of {big.name} from storage but only "
+                          f"{probe['cgroup_bytes'] / MiB:.0f} MiB passed the throttled "
+                          f"{', '.join(d['device'] for d in info['devices'])}")
+        return info
+    if n >= rate * 0.5 and probe["bps"] and probe["bps"] > 1.3 * rate:
+        info["reason"] = (f"the limit did not take: the probe read {n / 1e6:.0f} MB cold at "
+                          f"{cgroup.fmt_rate(probe['bps'])}, above the {cgroup.fmt_rate(rate)} limit")
+        return info
+    info["throttled"] = True
+    if storage is not None and storage < n / 2:
+        probe["note"] = "not verified: the probe's reads were served from the page cache"
+    elif n < rate * 0.5:
+        probe["note"] = "rate not verified: the model file is smaller than half a second of reads at the limit"
+    elif probe["bps"] and probe["bps"] < 0.7 * rate:
+        probe["note"] = "this machine's storage read slower than the limit during the probe: the limit may not bind"
+    return info
 
 
 # ---------------------------------------------------------------------------- the run
@@ -259,7 +349,8 @@ def add_ratios(runs: list[dict]) -> None:
     base = {r["cap_share"]: r for r in runs if r["name"] == BASELINE and r.get("ok")}
     for r in runs:
         b = base.get(r["cap_share"])
-        if not r.get("ok") or b is None or not r.get("capped", True) and b.get("capped"):
+        if (not r.get("ok") or b is None or not r.get("capped", True) and b.get("capped")
+                or bool(r.get("throttled")) != bool(b.get("throttled"))):
             r["tpot_speedup"] = r["ttft_speedup"] = r["bytes_ratio"] = None
             continue
         r["tpot_speedup"] = _ratio(b["tpot_s"], r["tpot_s"])
@@ -283,21 +374,26 @@ def _vs(b: dict | None, t: dict | None, dy: dict | None, suffix: str = "") -> di
     }
 
 
-def headline(runs: list[dict], cap_share: float, capped: bool) -> dict:
+def headline(runs: list[dict], cap_share: float, capped: bool, read_bps: int | None = None,
+             throttled: bool | None = None) -> dict:
     """tpot_ratio / ttft_ratio (baseline / dymoe), tpot_ratio_tuned (tuned / dymoe), bytes ratio, capped.
+
+    ``read_bps``: the storage read throttle asked for (None: not asked); ``throttled`` whether it was set.
 
     "dymoe" is the runtime's defaults (per-expert with the patch, look-ahead 1, no skip); the same
     ratios for its skip variant carry the suffix ``_skip`` (skip changes the output: see quality).
     """
     at = {r["name"]: r for r in runs if r["cap_share"] == cap_share}
 
+    want = bool(read_bps and throttled)  # a run whose own throttle failed is not compared with throttled ones
+
     def ok(r):
-        return r if r is not None and r.get("ok") else None
+        return r if r is not None and r.get("ok") and bool(r.get("throttled")) == want else None
 
     dy = next((at[n] for n in HEADLINE if ok(at.get(n))), None)
     sk = ok(at.get(dy["name"] + "-skip")) if dy else None
     b, t = ok(at.get(BASELINE)), ok(at.get(TUNED))
-    h = {"capped": capped, "cap_share": cap_share,
+    h = {"capped": capped, "read_bps": read_bps, "throttled": throttled if read_bps else None, "cap_share": cap_share,
          "cap_bytes": next((r.get("cap_bytes") for r in at.values() if r.get("cap_bytes")), None),
          "dymoe_config": dy["name"] if dy else None, "dymoe_skip_config": sk["name"] if sk else None}
     h |= _vs(b, t, dy)
@@ -309,6 +405,9 @@ def headline(runs: list[dict], cap_share: float, capped: bool) -> dict:
         h |= _vs(b, t, sk, "_skip")
     if not capped:
         h["note"] = "uncapped: no memory cap could be set, these ratios are not under memory pressure"
+    if read_bps and not throttled:
+        h["throttle_note"] = ("unthrottled: storage reads could not be throttled, these runs read at this "
+                              "machine's own storage speed")
     return h
 
 
@@ -352,6 +451,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
     threads = opts.threads or os.cpu_count() or 1
     model = opts.model or BenchModel(n_layer=opts.layers or (2 if opts.quick else 4))
     names = list(opts.configs or (QUICK_CONFIGS if opts.quick else FULL_CONFIGS))
+    rate = cgroup.parse_rate(opts.read_bps) if opts.read_bps is not None else None
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise DymoeError(f"Unknown bench configuration(s) {', '.join(unknown)}: expected some of {', '.join(CONFIGS)}")
@@ -376,6 +476,16 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
             cgroup.MemoryCap.create(64 * MiB).close()
         except cgroup.CapUnavailable as exc:
             capped, reason = False, str(exc)
+    throttle = None
+    if rate is not None:
+        throttle = prepare_throttle(rate, sorted({f for b in bundles.values() for f in b.glob("*.gguf")}))
+        p = throttle["probe"] or {}
+        log(("S" + throttle["line"][1:] + (f" (probe: {cgroup.fmt_rate(p['bps'])})" if p.get("bps") else ""))
+            if throttle["throttled"] else
+            f"UNTHROTTLED: storage reads could not be throttled to {cgroup.fmt_rate(rate)}: {throttle['reason']}")
+    read_bps = rate if throttle and throttle["throttled"] else None
+    read_devices = ([cgroup.BlockDevice(*map(int, d["dev"].split(":")), d["device"]) for d in throttle["devices"]]
+                    if read_bps and throttle else None)
     runs = []
     for share in shares:
         cap_bytes = int(share * q4k_size)
@@ -387,7 +497,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
             cfg = _worker_cfg(name, spec, bundles, budget, opts, threads)
             use_cap = cap_bytes if capped and not spec.get("warm") else None
             log(f"cap {cap_bytes / MiB:.0f} MiB: {name} ...")
-            r = run_worker(cfg, use_cap, opts.timeout)
+            r = run_worker(cfg, use_cap, opts.timeout, read_bps=read_bps, read_devices=read_devices)
+            if r.get("throttle_error"):
+                log(f"    UNTHROTTLED: {r['throttle_error']}")
             r.update({"cap_share": share, "desc": spec["desc"], "budget": budget if spec["kind"] == "dymoe" else None,
                       "capped": use_cap is not None})
             if r.get("ok"):
@@ -397,7 +509,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
                 log(f"    {r.get('error')}")
             runs.append(r)
     add_ratios(runs)
-    head = headline(runs, shares[0], capped)
+    head = headline(runs, shares[0], capped, rate, throttle["throttled"] if throttle else None)
     quality: dict[str, Any] = {"skipped": "not asked for (--no-quality)"}
     if opts.quality:
         dy = next((r for r in runs if r["name"] == head["dymoe_config"] and r["cap_share"] == shares[0]), None)
@@ -406,6 +518,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: print(s
         quality = run_quality(opts, rel, threads, mode, log, skip=head.get("dymoe_skip_config") is not None)
     result = {
         "version": 1, "capped": capped, "cap_reason": reason, "cap_bytes": cap_main, "cap_shares": shares,
+        "read_bps": rate, "throttle": throttle,
         "quick": opts.quick, "model": asdict(model), "model_desc": model.describe(),
         "model_sizes": {k: {f.name: f.stat().st_size for f in sorted(p.glob("*.gguf"))} for k, p in bundles.items()},
         "q4k_model_bytes": q4k_size, "q4k_expert_bytes": q4k_expert_bytes(bundles["q4k"]),
