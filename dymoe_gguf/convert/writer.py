@@ -95,17 +95,22 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
     """
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=False)
-    old_term = signal.getsignal(signal.SIGTERM)
+    interrupted: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def on_term(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
+        interrupted.append(signum)  # remembered: an exception raised in a finaliser can be swallowed
         raise KeyboardInterrupt
 
     try:
-        signal.signal(signal.SIGTERM, on_term)
+        for sig in old:
+            signal.signal(sig, on_signal)
     except ValueError:  # not the main thread
-        old_term = None
+        old = {}
     try:
         yield tmp
+        if interrupted:  # a signal arrived but its KeyboardInterrupt got lost: never publish the bundle
+            raise KeyboardInterrupt
         if out.exists():
             if not force:
                 raise OutputError(f"Output {out} appeared while converting; not replacing it without --force")
@@ -116,7 +121,7 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
         else:
             tmp.rename(out)
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
