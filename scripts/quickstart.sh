@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+mkdir -p build
 MODEL=models/tiny-moe
 if [ ! -f "$MODEL/config.json" ]; then
     # No trained model in this checkout: make a small synthetic one (random weights) to show the flow.
