@@ -77,25 +77,36 @@ def _join(mount_root: str, mount_point: str, cg_path: str) -> Path:
     return Path(mount_point) / ("" if rel == "." else rel)
 
 
-def find_mount() -> CgroupMount:
-    """This process's memory cgroup directory (v1 memory controller first, then v2)."""
+def _controller_mount(v1: str, v2: str, error: type[DymoeError], what: str) -> CgroupMount:
+    """This process's cgroup directory for a controller: v1 ``v1`` first, then v2 ``v2``.
+
+    A v2 mount without the controller is skipped (a hybrid system's unified mount may carry none);
+    if that is all there is, the error names it."""
     if not sys.platform.startswith("linux"):
-        raise CapUnavailable(f"memory cgroups are Linux-only (this is {sys.platform})")
+        raise error(f"{what}s are Linux-only (this is {sys.platform})")
     try:
         own, mounts = _own_cgroups(), _mountinfo()
     except OSError as exc:
-        raise CapUnavailable(f"cannot read /proc/self/cgroup or mountinfo: {exc}") from None
+        raise error(f"cannot read /proc/self/cgroup or mountinfo: {exc}") from None
     for root, point, fstype, opts in mounts:
-        if fstype == "cgroup" and "memory" in opts.split(",") and "memory" in own:
-            return CgroupMount(1, _join(root, point, own["memory"]))
+        if fstype == "cgroup" and v1 in opts.split(",") and v1 in own:
+            return CgroupMount(1, _join(root, point, own[v1]))
+    disabled = None
     for root, point, fstype, _ in mounts:
         if fstype == "cgroup2" and "" in own:
             path = _join(root, point, own[""])
             ctrls = (path / "cgroup.controllers").read_text().split() if (path / "cgroup.controllers").exists() else []
-            if "memory" not in ctrls:
-                raise CapUnavailable(f"the memory controller is not enabled for {path} (cgroup v2)")
-            return CgroupMount(2, path)
-    raise CapUnavailable("no memory cgroup controller is mounted (neither v1 'memory' nor v2)")
+            if v2 in ctrls:
+                return CgroupMount(2, path)
+            disabled = path
+    if disabled is not None:
+        raise error(f"the {v2} controller is not enabled for {disabled} (cgroup v2)")
+    raise error(f"no {what} controller is mounted (neither v1 '{v1}' nor v2 '{v2}')")
+
+
+def find_mount() -> CgroupMount:
+    """This process's memory cgroup directory (v1 memory controller first, then v2)."""
+    return _controller_mount("memory", "memory", CapUnavailable, "memory cgroup")
 
 
 def why_unavailable() -> str | None:
@@ -125,7 +136,7 @@ class MemoryCap:
         path = m.path / (name or f"dymoe-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         try:
             if m.version == 2:
-                _enable_v2_memory(m.path)
+                _enable_v2(m.path, "memory", CapUnavailable)
             path.mkdir()
         except OSError as exc:
             raise CapUnavailable(f"cannot create cgroup {path}: {exc.strerror or exc}") from None
@@ -230,11 +241,6 @@ class MemoryCap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _enable_v2_memory(parent: Path) -> None:
-    """cgroup v2: the memory controller must be enabled in the parent's subtree_control."""
-    _enable_v2(parent, "memory", CapUnavailable)
 
 
 def _remove(path: Path, parent: Path, timeout: float = 5.0) -> None:
@@ -357,23 +363,7 @@ def block_device(path: str | Path) -> BlockDevice:
 
 def find_io_mount() -> CgroupMount:
     """This process's blkio (v1) or io (v2) cgroup directory, the parent of a read throttle."""
-    if not sys.platform.startswith("linux"):
-        raise ThrottleUnavailable(f"cgroups are Linux-only (this is {sys.platform})")
-    try:
-        own, mounts = _own_cgroups(), _mountinfo()
-    except OSError as exc:
-        raise ThrottleUnavailable(f"cannot read /proc/self/cgroup or mountinfo: {exc}") from None
-    for root, point, fstype, opts in mounts:
-        if fstype == "cgroup" and "blkio" in opts.split(",") and "blkio" in own:
-            return CgroupMount(1, _join(root, point, own["blkio"]))
-    for root, point, fstype, _ in mounts:
-        if fstype == "cgroup2" and "" in own:
-            path = _join(root, point, own[""])
-            ctrls = (path / "cgroup.controllers").read_text().split() if (path / "cgroup.controllers").exists() else []
-            if "io" not in ctrls:
-                continue  # e.g. a hybrid system's unified mount, with every controller on v1
-            return CgroupMount(2, path)
-    raise ThrottleUnavailable("no I/O cgroup controller is available (neither v1 'blkio' nor v2 'io')")
+    return _controller_mount("blkio", "io", ThrottleUnavailable, "I/O cgroup")
 
 
 class ReadThrottle:
