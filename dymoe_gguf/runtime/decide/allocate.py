@@ -195,6 +195,30 @@ def _check_inputs(scores: np.ndarray, sizes: np.ndarray, budget: int) -> tuple[n
     return scores, sizes
 
 
+def _check_current(current: Assignment | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The tiers held now (int64), for hysteresis; None without a current assignment."""
+    if current is None:
+        return None
+    if current.tiers.shape != shape:
+        raise ValueError(f"Expected a current assignment of shape {shape}, got {current.tiers.shape}.")
+    return current.tiers.astype(np.int64)
+
+
+def _pinned_tiers(schedule: DepthSchedule, sizes: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
+    """Tier per expert of the pinned layers (``NOT_RESIDENT`` elsewhere) and their resident bytes,
+    which the budget must hold."""
+    tiers = np.full(sizes.shape[:2], NOT_RESIDENT, dtype=np.int64)
+    for layer, tier in schedule.pins.items():
+        tiers[layer] = tier
+    pinned_bytes = assignment_bytes(tiers, sizes)
+    if pinned_bytes > budget:
+        raise RuntimeConfigError(
+            f"Expected the budget ({budget} bytes) to hold the pinned layers, which need "
+            f"{pinned_bytes} bytes; raise the budget or pin fewer layers / lower tiers."
+        )
+    return tiers, pinned_bytes
+
+
 def _pooled_ratio(gain: np.ndarray, cost: np.ndarray, n_allowed: np.ndarray) -> np.ndarray:
     """Gain per byte of each step, pooled so that it never rises along an item's steps, (N, T).
 
@@ -282,10 +306,9 @@ def allocate(
 
     cost = np.diff(sizes, axis=2, prepend=0)  # (L, E, T) bytes of each step
     gain = scores[..., None] * np.diff(cfg.values(n_tiers), prepend=0.0)  # (L, E, T)
-    if current is not None:
-        if current.tiers.shape != scores.shape:
-            raise ValueError(f"Expected a current assignment of shape {scores.shape}, got {current.tiers.shape}.")
-        gain = _boost(gain, current.tiers.astype(np.int64), cfg.promote_margin)
+    held = _check_current(current, scores.shape)
+    if held is not None:
+        gain = _boost(gain, held, cfg.promote_margin)
 
     pinned = schedule.pin_array(n_layer) >= -1  # (L,)
     allowed = np.ones(sizes.shape, dtype=bool)
@@ -306,15 +329,7 @@ def allocate(
         capped = rank >= schedule.caps(n_layer, n_expert)[:, None]  # (L, E)
         allowed[..., 1:] &= ~capped[..., None]
 
-    tiers = np.full((n_layer, n_expert), NOT_RESIDENT, dtype=np.int64)
-    for layer, tier in schedule.pins.items():
-        tiers[layer] = tier
-    pinned_bytes = assignment_bytes(tiers, sizes)
-    if pinned_bytes > budget:
-        raise RuntimeConfigError(
-            f"Expected the budget ({budget} bytes) to hold the pinned layers, which need "
-            f"{pinned_bytes} bytes; raise the budget or pin fewer layers / lower tiers."
-        )
+    tiers, pinned_bytes = _pinned_tiers(schedule, sizes, budget)
     free = _greedy(
         gain.reshape(-1, n_tiers),
         cost.reshape(-1, n_tiers),
@@ -354,22 +369,16 @@ def allocate_per_layer(
     depth_weight = np.ones((n_layer, n_tiers))
     depth_weight[:, 1:] = (shares / schedule.r_max if schedule.r_max > 0 else 0.0)[:, None]
     gain = scores.sum(axis=1)[:, None] * np.diff(cfg.values(n_tiers), prepend=0.0) * depth_weight  # (L, T)
-    if current is not None:
-        if current.tiers.shape != scores.shape:
-            raise ValueError(f"Expected a current assignment of shape {scores.shape}, got {current.tiers.shape}.")
-        gain = _boost(gain, current.tiers.min(axis=1).astype(np.int64), cfg.promote_margin)
+    held = _check_current(current, scores.shape)
+    if held is not None:
+        gain = _boost(gain, held.min(axis=1), cfg.promote_margin)
 
     pins = schedule.pin_array(n_layer)
     pinned = pins >= -1
     allowed = np.ones((n_layer, n_tiers), dtype=bool)
     allowed[pinned] = False
     allowed[shares <= 0, 1:] = False
-    pinned_bytes = int(np.where(pinned & (pins >= 0), layer_sizes[np.arange(n_layer), np.maximum(pins, 0)], 0).sum())
-    if pinned_bytes > budget:
-        raise RuntimeConfigError(
-            f"Expected the budget ({budget} bytes) to hold the pinned layers, which need "
-            f"{pinned_bytes} bytes; raise the budget or pin fewer layers / lower tiers."
-        )
+    _, pinned_bytes = _pinned_tiers(schedule, sizes, budget)
     layer_tier = _greedy(gain, cost, allowed, budget - pinned_bytes)
     layer_tier = np.where(pinned, pins, layer_tier)
     tiers = np.repeat(layer_tier[:, None], n_expert, axis=1)
