@@ -133,6 +133,25 @@ def read_range(fd: int, offset: int, length: int, size: int) -> None:
         done += got
 
 
+def read_file_ranges(path: str, ranges: list[tuple[int, int]], gap: int = 1 << 16) -> None:
+    """Read (offset, length) ranges of a file into the page cache, ranges that (nearly) touch merged
+    into one read, through a descriptor without read-ahead (nothing beyond the ranges is read)."""
+    merged: list[list[int]] = []
+    for off, n in sorted(ranges):
+        if merged and off - (merged[-1][0] + merged[-1][1]) <= gap:
+            merged[-1][1] = max(merged[-1][1], off + n - merged[-1][0])
+        else:
+            merged.append([off, n])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fadvise(fd, 0, 0, POSIX_FADV_RANDOM)
+        size = os.fstat(fd).st_size
+        for off, n in merged:
+            read_range(fd, off, n, size)
+    finally:
+        os.close(fd)
+
+
 def file_mappings(path: str) -> list[tuple[int, int, int]]:
     """(address, length, file offset) of this process's mappings of ``path`` (Linux /proc/self/maps;
     empty elsewhere)."""

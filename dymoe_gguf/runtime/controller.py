@@ -15,7 +15,6 @@ layers. Every ``reallocate_every`` tokens the allocator re-plans tiers under the
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,6 @@ from dymoe_gguf.runtime.views import BASE, Views
 
 log = logging.getLogger(__name__)
 _NORMALISED = {"llama", "qwen3moe"}  # archs whose top-k weights llama.cpp renormalises (norm_w)
-
-
-def _coalesce(ranges: list[tuple[int, int]], gap: int = 1 << 16) -> list[tuple[int, int]]:
-    """Sorted (offset, length) ranges merged where they touch or nearly touch (one read each)."""
-    out: list[list[int]] = []
-    for off, n in sorted(ranges):
-        if out and off - (out[-1][0] + out[-1][1]) <= gap:
-            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
-        else:
-            out.append([off, n])
-    return [(a, b) for a, b in out]
 
 
 class Controller:
@@ -181,12 +169,7 @@ class Controller:
         """Bring the base file's metadata in before llama.cpp parses it: its buffered reads would
         otherwise start the device's read-ahead (8 MiB here), which runs on into the experts."""
         end = min((t.offset for t in self.index.base_tensors.values()), default=0)
-        fd = os.open(self.index.base_path, os.O_RDONLY)
-        try:
-            vm.fadvise(fd, 0, 0, vm.POSIX_FADV_RANDOM)
-            vm.read_range(fd, 0, end, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        vm.read_file_ranges(str(self.index.base_path), [(0, end)])
 
     def _prepare_cold_start(self) -> bool:
         """After a no-populate load, before the warm-up decode: read the dense weights in bulk, switch
@@ -202,16 +185,9 @@ class Controller:
         experts = {n: t for n, t in self.index.base_tensors.items() if "_exps." in n}
         dense = sorted((t.offset, t.nbytes) for n, t in self.index.base_tensors.items() if n not in experts)
         first = [(t.offset, t.nbytes // self.index.n_expert) for t in experts.values()]  # expert 0's slices
-        fd = os.open(self.index.base_path, os.O_RDONLY)
-        try:
-            vm.fadvise(fd, 0, 0, vm.POSIX_FADV_RANDOM)
-            size = os.fstat(fd).st_size
-            for t in experts.values():
-                vm.madvise(addr + t.offset, t.nbytes, vm.MADV_RANDOM)
-            for off, n in _coalesce(dense + first):
-                vm.read_range(fd, off, n, size)
-        finally:
-            os.close(fd)
+        for t in experts.values():
+            vm.madvise(addr + t.offset, t.nbytes, vm.MADV_RANDOM)
+        vm.read_file_ranges(str(self.index.base_path), dense + first)
         self._warmup_expert = 0
         return True
 
