@@ -16,15 +16,9 @@ ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 @pytest.fixture(scope="session", autouse=True)
 def _index_cache(tmp_path_factory):
     """Bundle indexes are cached in a session directory, not in the user's ~/.cache."""
-    import os
-
-    old = os.environ.get("DYMOE_INDEX_CACHE")
-    os.environ["DYMOE_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DYMOE_INDEX_CACHE", None)
-    else:
-        os.environ["DYMOE_INDEX_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DYMOE_INDEX_CACHE", str(tmp_path_factory.mktemp("index-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

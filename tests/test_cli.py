@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -50,8 +51,6 @@ def test_inspect_detects_foreign_sidecar(tmp_path, bundle, hf_model):
     b = tmp_path / "b"
     convert(hf_model("qwen3moe"), b, base_tier=Tier.Q4_K, tiers=(Tier.Q2_K, Tier.Q4_K, Tier.Q8_0), threads=2)
     first = BundleIndex(b)  # valid: cached
-    from pathlib import Path
-
     assert any(Path(os.environ["DYMOE_INDEX_CACHE"]).glob("*.pkl"))
     assert BundleIndex(b).to_dict() == first.to_dict()
     shutil.copy(a / "experts.Q2_K.gguf", b / "experts.Q2_K.gguf")  # same shapes, other conversion
