@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from dymoe_gguf.bundle.format import BASE_NAME_RE
 from dymoe_gguf.converters import arch as arches
 from dymoe_gguf.converters.arch._common import HParams
 from dymoe_gguf.converters.source import Source, SourceTensor
@@ -21,7 +22,6 @@ from dymoe_gguf.errors import SourceError, UnsupportedModelError
 
 QT = gguf.GGMLQuantizationType
 _REQUANTIZABLE = (QT.F32, QT.F16, QT.BF16, QT.Q8_0)
-_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _SKIP_KEYS = ("GGUF.", "general.alignment", "general.file_type", "dymoe.")
 
 
@@ -69,7 +69,7 @@ def open_gguf(path: Path) -> Source:
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml ne -> numpy order
         qtype = QT(t.tensor_type)
-        m = _EXPERT_RE.match(t.name)
+        m = BASE_NAME_RE.match(t.name)
         if m:
             if qtype not in _REQUANTIZABLE:
                 raise SourceError(f"Expert tensor {t.name} of {path.name} is {qtype.name}: expected "

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
+from dymoe_gguf.bundle.format import row_bytes
 from dymoe_gguf.errors import NativeLibraryError
 
 
@@ -50,23 +51,7 @@ def base() -> ctypes.CDLL:
     # bool ggml_quantize_requires_imatrix(enum ggml_type type);
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    # size_t ggml_row_size(enum ggml_type type, int64_t ne);
-    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.ggml_row_size.restype = ctypes.c_size_t
     return lib
-
-
-def row_size(qtype: GGMLQuantizationType, n_per_row: int) -> int:
-    """Bytes of one row of ``n_per_row`` values (from gguf's size table, no library needed)."""
-    block, nbytes = GGML_QUANT_SIZES[qtype]
-    if n_per_row % block:
-        raise ValueError(f"Expected a row length that is a multiple of {block} for {qtype.name}, got {n_per_row}")
-    return n_per_row // block * nbytes
-
-
-def fits(qtype: GGMLQuantizationType, n_per_row: int) -> bool:
-    """Whether rows of ``n_per_row`` values can be stored in ``qtype``."""
-    return n_per_row % GGML_QUANT_SIZES[qtype][0] == 0
 
 
 @functools.cache
@@ -85,7 +70,7 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | N
     nrows, n_per_row = x.shape
     if qtype == GGMLQuantizationType.F32:
         return x.view(np.uint8).reshape(-1).copy()
-    out = np.empty(nrows * row_size(qtype, n_per_row), dtype=np.uint8)
+    out = np.empty(nrows * row_bytes(qtype, n_per_row), dtype=np.uint8)
     lib = base()
     _init(int(qtype))
     imp = None

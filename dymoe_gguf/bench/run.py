@@ -156,9 +156,10 @@ def parse_cap(spec: str, q4k_bytes: int) -> int:
 def non_expert_bytes(bundle: Path) -> int:
     """Bytes of the base model that are not expert weights (embeddings, attention, norms, output)."""
     from dymoe_gguf.bundle import BundleIndex
+    from dymoe_gguf.bundle.format import is_expert_tensor
 
     idx = BundleIndex(bundle)
-    return sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." not in n)
+    return sum(t.nbytes for n, t in idx.base_tensors.items() if not is_expert_tensor(n))
 
 
 def expert_budget(cap: int, bundle: Path, allowance: int = RUNTIME_ALLOWANCE) -> int:

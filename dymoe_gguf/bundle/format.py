@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import re
 
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from dymoe_gguf.errors import DymoeError
@@ -38,7 +39,34 @@ SIDECAR_TEMPLATE = "experts.{tier}.gguf"
 MATRICES = ("gate", "up", "down")
 BASE_EXPERT_TENSOR = "blk.{layer}.ffn_{matrix}_exps.weight"
 SIDECAR_EXPERT_TENSOR = "blk.{layer}.ffn_{matrix}_exps.{expert}"
+BASE_NAME_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 SIDECAR_NAME_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)$")
+
+
+def base_expert_name(layer: int, matrix: str) -> str:
+    """Name of the 3-D expert tensor of ``layer`` and ``matrix`` in the base GGUF (and in llama.cpp)."""
+    return BASE_EXPERT_TENSOR.format(layer=layer, matrix=matrix)
+
+
+def sidecar_expert_name(layer: int, matrix: str, expert: int) -> str:
+    """Name of one expert's 2-D tensor in a sidecar."""
+    return SIDECAR_EXPERT_TENSOR.format(layer=layer, matrix=matrix, expert=expert)
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether ``name`` is a routed expert's weight: a base 3-D expert tensor or a sidecar expert.
+
+    Shared experts (``ffn_*_shexp``) are dense weights, read every token: not expert tensors here.
+    """
+    return BASE_NAME_RE.match(name) is not None or SIDECAR_NAME_RE.match(name) is not None
+
+
+def row_bytes(qtype: QT, n_per_row: int) -> int:
+    """Bytes of one row of ``n_per_row`` values stored as ``qtype`` (gguf's block size table)."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if n_per_row % block:
+        raise ValueError(f"Expected a row length that is a multiple of {block} for {qtype.name}, got {n_per_row}")
+    return n_per_row // block * type_size
 
 
 class Key:

@@ -14,9 +14,10 @@ from gguf import GGMLQuantizationType as QT
 from dymoe_gguf.bundle.format import (
     BASE_FILE,
     EXPERT_ALIGNMENT,
-    SIDECAR_EXPERT_TENSOR,
     Tier,
     aligned,
+    row_bytes,
+    sidecar_expert_name,
     sidecar_file,
 )
 from dymoe_gguf.converters import Source, SourceTensor
@@ -100,11 +101,10 @@ def _type_counts(f: FilePlan) -> dict[str, int]:
 
 def tensor_bytes(qtype: QT, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of ``shape`` (numpy order) stored as ``qtype``."""
-    block, size = GGML_QUANT_SIZES[qtype]
     rows = 1
     for d in shape[:-1]:
         rows *= d
-    return rows * (shape[-1] // block) * size
+    return rows * row_bytes(qtype, shape[-1])
 
 
 def fit_type(qtype: QT, n_in: int) -> QT:
@@ -173,7 +173,7 @@ def make_plan(source: Source, base_tier: Tier, tiers: tuple[Tier, ...],
             shape2 = t.shape[1:]
             qtype, fell = choose(t.name, shape2, tier.ggml_type)
             for e in range(t.shape[0]):
-                name = SIDECAR_EXPERT_TENSOR.format(layer=t.layer, matrix=t.matrix, expert=e)
+                name = sidecar_expert_name(t.layer, t.matrix, e)
                 side.append(TensorPlan(name, shape2, qtype, tensor_bytes(qtype, shape2), t, fell, e))
         files.append(FilePlan(sidecar_file(tier), "tier", tier, tuple(side)))
     for (change, why), n in sorted(fallbacks.items()):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dymoe_gguf.bundle import BundleIndex
+from dymoe_gguf.bundle.format import base_expert_name
 from dymoe_gguf.convert.imatrix import write_imatrix
 from dymoe_gguf.errors import DymoeError
 from dymoe_gguf.quality.eval import tokenize_chunks
@@ -145,11 +146,11 @@ def _write(acc: _ImatrixAccumulator, index: BundleIndex, path: Path, dataset: st
     sums, counts = {}, {}
     for layer, s in acc.in_sums.items():
         for m in ("gate", "up"):
-            sums[f"blk.{layer}.ffn_{m}_exps.weight"] = s
-            counts[f"blk.{layer}.ffn_{m}_exps.weight"] = acc.counts[layer]
+            sums[base_expert_name(layer, m)] = s
+            counts[base_expert_name(layer, m)] = acc.counts[layer]
         if layer in acc.down_sums:
-            sums[f"blk.{layer}.ffn_down_exps.weight"] = acc.down_sums[layer]
-            counts[f"blk.{layer}.ffn_down_exps.weight"] = acc.counts[layer]
+            sums[base_expert_name(layer, "down")] = acc.down_sums[layer]
+            counts[base_expert_name(layer, "down")] = acc.counts[layer]
     if not sums:
         raise DymoeError("No expert activations were observed: is the text long enough for one chunk?")
     write_imatrix(path, sums, counts, dataset, chunks, ctx)

@@ -24,7 +24,7 @@ import numpy as np
 from dymoe_gguf._native import vm
 from dymoe_gguf._native.llama import make_eval_callback, open_llama
 from dymoe_gguf.bundle import BundleIndex
-from dymoe_gguf.bundle.format import parse_tier
+from dymoe_gguf.bundle.format import base_expert_name, is_expert_tensor, parse_tier
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
 from dymoe_gguf.runtime import decide
 from dymoe_gguf.runtime.config import RuntimeConfig, make_config
@@ -159,9 +159,9 @@ class Controller:
         """Read the base file's non-expert tensors into the page cache (after a no-populate load)."""
         assert self.views is not None
         key, st = next(iter(self.views._orig.items()))  # noqa: SLF001 - same package
-        mapped = st.data - self.index.base_tensors[f"blk.{key[0]}.ffn_{key[1]}_exps.weight"].offset
+        mapped = st.data - self.index.base_tensors[base_expert_name(*key)].offset
         for name, t in self.index.base_tensors.items():
-            if "_exps." not in name:
+            if not is_expert_tensor(name):
                 if vm.madvise(mapped + t.offset, t.nbytes, vm.MADV_POPULATE_READ) != 0:
                     vm.madvise(mapped + t.offset, t.nbytes, vm.MADV_WILLNEED)
 
@@ -182,7 +182,7 @@ class Controller:
         if len(maps) != 1:
             return False
         addr = maps.pop()
-        experts = {n: t for n, t in self.index.base_tensors.items() if "_exps." in n}
+        experts = {n: t for n, t in self.index.base_tensors.items() if is_expert_tensor(n)}
         dense = sorted((t.offset, t.nbytes) for n, t in self.index.base_tensors.items() if n not in experts)
         first = [(t.offset, t.nbytes // self.index.n_expert) for t in experts.values()]  # expert 0's slices
         for t in experts.values():

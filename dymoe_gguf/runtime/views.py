@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES
 from dymoe_gguf._native.tensor import TensorState, tensor_at
 from dymoe_gguf._native.vm import Mapping
 from dymoe_gguf.bundle import BundleIndex
-from dymoe_gguf.bundle.format import MATRICES
+from dymoe_gguf.bundle.format import MATRICES, base_expert_name, row_bytes
 from dymoe_gguf.errors import RuntimeConfigError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Views:
             t = tensor_at(ptr)
             if t.extra:
                 raise RuntimeConfigError("Expert tensors are repacked (CPU_REPACK): views need repack off")
-            base = self.index.base_tensors[f"blk.{key[0]}.ffn_{key[1]}_exps.weight"]
+            base = self.index.base_tensors[base_expert_name(*key)]
             if (int(t.ne[0]), int(t.ne[1]), int(t.ne[2])) != tuple(reversed(base.shape)):
                 raise RuntimeConfigError(f"Loaded tensor for layer {key[0]} {key[1]} does not match the bundle")
             self._ptr[key] = ptr
@@ -63,7 +63,7 @@ class Views:
         """(address, length) of the base file's expert tensors as llama.cpp mapped them."""
         out = []
         for key, st in self._orig.items():
-            base = self.index.base_tensors[f"blk.{key[0]}.ffn_{key[1]}_exps.weight"]
+            base = self.index.base_tensors[base_expert_name(*key)]
             out.append((st.data, base.nbytes))
         return out
 
@@ -78,8 +78,8 @@ class Views:
                 self._orig[(layer, m)].write(t)
                 continue
             v = self.index.layer_view(layer, m, self.index.tiers[tier])
-            block, type_size = GGML_QUANT_SIZES[v.ggml_type]
-            row = v.shape[1] // block * type_size
+            row = row_bytes(v.ggml_type, v.shape[1])
+            type_size = GGML_QUANT_SIZES[v.ggml_type][1]
             TensorState(int(v.ggml_type), (type_size, row, v.stride, v.stride * v.n_expert),
                         self.mappings[tier].addr + v.offset).write(t)
         self.layer_tier[layer] = tier
@@ -103,9 +103,8 @@ class Views:
                 continue
             for m in MATRICES:
                 s = self.index.slice(layer, m, int(e), self.index.tiers[tier])
-                block, type_size = GGML_QUANT_SIZES[s.ggml_type]
                 self.patch.set(self._ptr[(layer, m)], int(e), int(s.ggml_type), self.mappings[tier].addr + s.offset,
-                               s.shape[1] // block * type_size)
+                               row_bytes(s.ggml_type, s.shape[1]))
             self.expert_tier[layer, e] = tier
             n += 1
         self.changes += n
