@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 from dymoe_gguf.errors import DymoeError
 
@@ -31,3 +36,25 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise DymoeError(f"Expected a positive size, got {text!r}")
     return value
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path`` to write; on success it is flushed to disk and
+    renamed over ``path`` (readers see the old file or the new one, never a partial one); on any
+    error, or Ctrl-C, it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from dymoe_gguf.bundle.format import (
-    BASE_EXPERT_TENSOR,
     BASE_FILE,
     FORMAT_VERSION,
     MATRICES,
@@ -34,9 +32,11 @@ from dymoe_gguf.bundle.format import (
     Key,
     Tier,
     aligned,
+    base_expert_name,
     parse_tier,
 )
 from dymoe_gguf.errors import BundleError
+from dymoe_gguf.util import atomic_file
 
 
 @dataclass(frozen=True)
@@ -154,14 +154,8 @@ class BundleIndex:
         try:
             sig = _signature([self.base_path, *self.tier_paths.values()])
             cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".partial-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    pickle.dump((_CACHE_VERSION, sig, self.__dict__), f, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(tmp, cache)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            with atomic_file(cache) as tmp, open(tmp, "wb") as f:
+                pickle.dump((_CACHE_VERSION, sig, self.__dict__), f, protocol=pickle.HIGHEST_PROTOCOL)
         except OSError as exc:  # a read-only home is not an error
             log.debug("bundle index not cached: %s", exc)
 
@@ -230,7 +224,7 @@ class BundleIndex:
     def _check_complete(self) -> None:
         for layer in self.moe_layers:
             for m in MATRICES:
-                base = self.base_tensors.get(BASE_EXPERT_TENSOR.format(layer=layer, matrix=m))
+                base = self.base_tensors.get(base_expert_name(layer, m))
                 if base is None:
                     raise BundleError(f"{BASE_FILE} lacks the {m} experts of layer {layer}")
                 for tier in self.tiers:

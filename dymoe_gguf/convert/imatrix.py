@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from dymoe_gguf.errors import SourceError
+from dymoe_gguf.util import atomic_file
 
 
 def load_imatrix(path: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -49,18 +50,17 @@ def load_imatrix(path: Path) -> tuple[dict[str, np.ndarray], str]:
 def write_imatrix(path: Path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray],
                   dataset: str, chunk_count: int, chunk_size: int) -> None:
     """Write ``name -> in_sum2 [n_mat, n_in]`` and ``counts [n_mat]`` in llama.cpp's format."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(tmp, "imatrix")
-    # llama-imatrix writes no architecture; GGUFWriter always adds one, harmless for readers.
-    w.add_type("imatrix")
-    w.add_array("imatrix.datasets", [dataset])
-    w.add_uint32("imatrix.chunk_count", chunk_count)
-    w.add_uint32("imatrix.chunk_size", chunk_size)
-    for name in sorted(sums):
-        w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(sums[name], dtype=np.float32))
-        w.add_tensor(f"{name}.counts", np.asarray(counts[name], dtype=np.float32).reshape(-1, 1))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "imatrix")
+        # llama-imatrix writes no architecture; GGUFWriter always adds one, harmless for readers.
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", [dataset])
+        w.add_uint32("imatrix.chunk_count", chunk_count)
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(sums):
+            w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(sums[name], dtype=np.float32))
+            w.add_tensor(f"{name}.counts", np.asarray(counts[name], dtype=np.float32).reshape(-1, 1))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()

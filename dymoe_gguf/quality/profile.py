@@ -17,6 +17,7 @@ import numpy as np
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import CALIBRATION_FILE, FORMAT_VERSION, Key
 from dymoe_gguf.errors import BundleError
+from dymoe_gguf.util import atomic_file
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,20 @@ class Profile:
 def save_profile(index: BundleIndex, prof: Profile) -> Path:
     """Write ``calibration.gguf`` into the bundle atomically."""
     path = index.root / CALIBRATION_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(tmp, index.arch)
-    w.add_uint32(Key.FORMAT_VERSION, FORMAT_VERSION)
-    w.add_string(Key.ROLE, "calibration")
-    w.add_string(Key.BUNDLE_ID, index.bundle_id)
-    w.add_uint32("dymoe.calibration.tokens", prof.tokens)
-    w.add_string("dymoe.calibration.text", prof.text)
-    w.add_tensor("freq", prof.freq.astype(np.float32))
-    w.add_tensor("mass", prof.mass.astype(np.float32))
-    w.add_tensor("transition", prof.transition.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, index.arch)
+        w.add_uint32(Key.FORMAT_VERSION, FORMAT_VERSION)
+        w.add_string(Key.ROLE, "calibration")
+        w.add_string(Key.BUNDLE_ID, index.bundle_id)
+        w.add_uint32("dymoe.calibration.tokens", prof.tokens)
+        w.add_string("dymoe.calibration.text", prof.text)
+        w.add_tensor("freq", prof.freq.astype(np.float32))
+        w.add_tensor("mass", prof.mass.astype(np.float32))
+        w.add_tensor("transition", prof.transition.astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return path
 
 

@@ -18,15 +18,10 @@ The statistics are plain functions of a trace:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-
-TRACE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,47 +96,6 @@ class RoutingTrace:
             n_expert=first.n_expert,
             probs=np.concatenate([p.probs for p in parts]) if all(with_probs) else None,
         )
-
-    def save(self, path: str | os.PathLike[str], *, compress: bool = False) -> None:
-        """Write the trace to ``path`` (an ``.npz``), atomically: a reader sees all or nothing."""
-        path = Path(path)
-        arrays = {
-            "format_version": np.array(TRACE_FORMAT_VERSION, dtype=np.int64),
-            "n_expert": np.array(self.n_expert, dtype=np.int64),
-            "ids": self.ids,
-            "weights": self.weights,
-        }
-        if self.probs is not None:
-            arrays["probs"] = self.probs
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                (np.savez_compressed if compress else np.savez)(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the trace private
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RoutingTrace:
-        """Read a trace written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"format_version", "n_expert", "ids", "weights"} - set(data.files)
-            if missing:
-                raise ValueError(f"Expected a routing trace .npz, but {os.fspath(path)!r} lacks {sorted(missing)}.")
-            version = int(data["format_version"])
-            if version != TRACE_FORMAT_VERSION:
-                raise ValueError(
-                    f"Expected trace format version {TRACE_FORMAT_VERSION}, got {version} in "
-                    f"{os.fspath(path)!r}; record the trace again with this version."
-                )
-            return cls(
-                ids=data["ids"],
-                weights=data["weights"],
-                n_expert=int(data["n_expert"]),
-                probs=data["probs"] if "probs" in data.files else None,
-            )
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
