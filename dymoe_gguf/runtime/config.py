@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import psutil
 
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
+from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS
 
-POLICIES = ("dymoe", "static", "off", "observe", "manual", "uniform:<TIER>")
+
+class Policy(str, enum.Enum):
+    """How tiers are chosen (``uniform`` takes a tier: ``uniform:Q2_K``)."""
+
+    DYMOE = "dymoe"  # importance + depth + budget, re-planned as routing changes
+    STATIC = "static"  # from the calibration profile, frozen
+    OFF = "off"  # plain llama.cpp: no callback, nothing swapped
+    OBSERVE = "observe"  # record routing, change nothing
+    MANUAL = "manual"  # tiers set by Controller.set_tiers
+    UNIFORM = "uniform"  # every expert at one tier
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Mode(str, enum.Enum):
+    """How views are applied: one tier per layer (stock llama.cpp) or per expert (patched build)."""
+
+    AUTO = "auto"
+    PER_LAYER = "per-layer"
+    PER_EXPERT = "per-expert"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# What users may type (the CLI's choices and the error messages).
+POLICY_CHOICES = tuple(p.value for p in Policy if p is not Policy.UNIFORM) + ("uniform:<TIER>",)
+MODE_CHOICES = tuple(m.value for m in Mode)
 
 
 @dataclass(frozen=True)
@@ -61,9 +91,9 @@ def parse_budget(spec: str | int | None) -> int | None:
 
 def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, **kw) -> RuntimeConfig:
     """Validated :class:`RuntimeConfig` from user-facing options."""
-    policy = policy.strip().lower()
-    if not (policy in ("dymoe", "static", "off", "observe", "manual") or policy.startswith("uniform:")):
-        raise RuntimeConfigError(f"Unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    policy = str(policy).strip().lower()
+    if not (policy in POLICY_CHOICES[:-1] or policy.startswith("uniform:")):
+        raise RuntimeConfigError(f"Unknown policy {policy!r}: expected one of {', '.join(POLICY_CHOICES)}")
     cfg = RuntimeConfig(policy=policy, budget=parse_budget(memory_budget), **kw)
     if cfg.lookahead < 0 or cfg.lookahead > 8:
         raise RuntimeConfigError(f"Expected --lookahead between 0 and 8, got {cfg.lookahead}")
@@ -71,10 +101,10 @@ def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, *
         raise RuntimeConfigError(f"Expected lookahead_min_recall in [0, 1], got {cfg.lookahead_min_recall}")
     if not 0 <= cfg.skip_threshold < 1:
         raise RuntimeConfigError(f"Expected a skip threshold in [0, 1), got {cfg.skip_threshold}")
-    if cfg.mode not in ("auto", "per-layer", "per-expert"):
-        raise RuntimeConfigError(f"Expected mode auto, per-layer or per-expert, got {cfg.mode!r}")
-    if cfg.depth not in ("cosine", "linear", "constant"):
-        raise RuntimeConfigError(f"Expected depth schedule cosine, linear or constant, got {cfg.depth!r}")
+    if cfg.mode not in MODE_CHOICES:
+        raise RuntimeConfigError(f"Expected mode {', '.join(MODE_CHOICES)}, got {cfg.mode!r}")
+    if cfg.depth not in DEPTH_KINDS:
+        raise RuntimeConfigError(f"Expected depth schedule {', '.join(DEPTH_KINDS)}, got {cfg.depth!r}")
     if cfg.reallocate_every < 1:
         raise RuntimeConfigError("Expected reallocate_every >= 1")
     return cfg
