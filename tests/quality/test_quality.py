@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from dymoe_gguf.bundle import BundleIndex, Tier
+from dymoe_gguf.bundle.format import CALIBRATION_FILE
 from dymoe_gguf.cli import cli
 from dymoe_gguf.quality.eval import evaluate
 from dymoe_gguf.quality.profile import load_profile
@@ -76,8 +77,11 @@ def test_calibrate_reflects_planted_skew_and_is_stable(tmp_path, hf_model, text_
     np.testing.assert_allclose(first.freq.sum(1), 2.0, rtol=1e-6)  # k selections per token
     assert list(first.freq.argmax(1)) == _hot_experts(src)
     assert max(json.loads(r.output)["normalized_entropy"]) < 0.9
-    CliRunner().invoke(cli, ["calibrate", str(out), "--text", str(text_file), "--ctx", "64", "--chunks", "4"])
+    (out / CALIBRATION_FILE).unlink()  # the second run must write a profile of its own, not leave the first
+    r = CliRunner().invoke(cli, ["calibrate", str(out), "--text", str(text_file), "--ctx", "64", "--chunks", "4"])
+    assert r.exit_code == 0, r.output
     again = load_profile(BundleIndex(out))
+    assert again is not None
     assert np.array_equal(first.freq, again.freq) and np.array_equal(first.mass, again.mass)
     # the imatrix is accepted by convert
     convert(src, tmp_path / "b2", base_tier=Tier.Q8_0, tiers=(Tier.Q2_K,), threads=2,
