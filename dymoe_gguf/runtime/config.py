@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from dymoe_gguf.bundle import BundleIndex
+from dymoe_gguf.bundle.format import parse_tier
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
-from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS
+from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS, NOT_RESIDENT
 
 
 class Policy(str, enum.Enum):
@@ -45,9 +47,8 @@ MODE_CHOICES = tuple(m.value for m in Mode)
 class RuntimeConfig:
     """How the controller decides and applies tiers."""
 
-    # dymoe | static (calibration profile, frozen) | off (plain llama.cpp) | observe (record routing,
-    # change nothing) | manual (tiers set by Controller.set_tiers) | uniform:Q2_K …
-    policy: str = "dymoe"
+    policy: Policy = Policy.DYMOE
+    tier: str | None = None  # the tier of policy uniform (uniform:Q2_K -> "Q2_K")
     budget: int | None = None  # resident expert bytes; None = unlimited
     lookahead: int = 1  # layers predicted ahead (0 = off)
     # prefetch for a layer only while its measured look-ahead recall (moving average over recent
@@ -61,12 +62,18 @@ class RuntimeConfig:
     half_life: float = 32.0  # importance EMA half-life in tokens
     promote_margin: float = 0.25  # hysteresis: a challenger needs (1+margin)x the incumbent's score
     reallocate_every: int = 16  # tokens between allocator runs
-    mode: str = "auto"  # auto | per-layer | per-expert
+    mode: Mode = Mode.AUTO
     measure_hits: bool = True  # mincore check of selected experts (per-layer hit rates)
 
     @property
     def uniform_tier(self) -> str | None:
-        return self.policy.split(":", 1)[1].upper() if self.policy.startswith("uniform:") else None
+        """The tier of policy ``uniform:<TIER>``, else None."""
+        return self.tier if self.policy is Policy.UNIFORM else None
+
+    @property
+    def policy_name(self) -> str:
+        """The policy as the user writes it (``uniform:Q2_K``)."""
+        return f"uniform:{self.tier}" if self.policy is Policy.UNIFORM else self.policy.value
 
 
 def parse_budget(spec: str | int | None) -> int | None:
@@ -91,20 +98,40 @@ def parse_budget(spec: str | int | None) -> int | None:
 
 def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, **kw) -> RuntimeConfig:
     """Validated :class:`RuntimeConfig` from user-facing options."""
-    policy = str(policy).strip().lower()
-    if not (policy in POLICY_CHOICES[:-1] or policy.startswith("uniform:")):
-        raise RuntimeConfigError(f"Unknown policy {policy!r}: expected one of {', '.join(POLICY_CHOICES)}")
-    cfg = RuntimeConfig(policy=policy, budget=parse_budget(memory_budget), **kw)
+    name = str(policy).strip().lower()
+    kind, _, tier = name.partition(":")
+    if kind not in POLICY_CHOICES[:-1] + (Policy.UNIFORM.value,) or bool(tier) != (kind == Policy.UNIFORM.value):
+        raise RuntimeConfigError(f"Unknown policy {name!r}: expected one of {', '.join(POLICY_CHOICES)}")
+    mode = str(kw.pop("mode", Mode.AUTO.value))
+    if mode not in MODE_CHOICES:
+        raise RuntimeConfigError(f"Expected mode {', '.join(MODE_CHOICES)}, got {mode!r}")
+    cfg = RuntimeConfig(policy=Policy(kind), tier=tier.upper() or None, mode=Mode(mode),
+                        budget=parse_budget(memory_budget), **kw)
     if cfg.lookahead < 0 or cfg.lookahead > 8:
         raise RuntimeConfigError(f"Expected --lookahead between 0 and 8, got {cfg.lookahead}")
     if not 0 <= cfg.lookahead_min_recall <= 1:
         raise RuntimeConfigError(f"Expected lookahead_min_recall in [0, 1], got {cfg.lookahead_min_recall}")
     if not 0 <= cfg.skip_threshold < 1:
         raise RuntimeConfigError(f"Expected a skip threshold in [0, 1), got {cfg.skip_threshold}")
-    if cfg.mode not in MODE_CHOICES:
-        raise RuntimeConfigError(f"Expected mode {', '.join(MODE_CHOICES)}, got {cfg.mode!r}")
     if cfg.depth not in DEPTH_KINDS:
         raise RuntimeConfigError(f"Expected depth schedule {', '.join(DEPTH_KINDS)}, got {cfg.depth!r}")
     if cfg.reallocate_every < 1:
         raise RuntimeConfigError("Expected reallocate_every >= 1")
     return cfg
+
+
+def resolve_pins(cfg: RuntimeConfig, index: BundleIndex) -> dict[int, int]:
+    """``cfg.pins`` ({layer: tier name or "none"}) as {MoE layer index: tier index or NOT_RESIDENT}."""
+    moe_index = {layer: i for i, layer in enumerate(index.moe_layers)}
+    pins = {}
+    for layer, name in cfg.pins.items():
+        if layer not in moe_index:
+            raise RuntimeConfigError(f"Cannot pin layer {layer}: MoE layers are {list(index.moe_layers)}")
+        if str(name).lower() == "none":
+            pins[moe_index[layer]] = NOT_RESIDENT
+            continue
+        tier = parse_tier(str(name))
+        if tier not in index.tiers:
+            raise RuntimeConfigError(f"Cannot pin layer {layer} to {tier.name}: not a tier of this bundle")
+        pins[moe_index[layer]] = index.tiers.index(tier)
+    return pins

@@ -7,8 +7,9 @@ by its background thread. With it:
 * ``use()`` — called at a layer's safe point, *before* its experts are read — counts the bytes the
   layer is about to fault in and, if that would break the budget, evicts first (synchronously), so
   resident expert bytes stay under the budget throughout a step, not only between steps;
-* ``request()`` queues look-ahead prefetches for the thread (``MADV_POPULATE_READ`` where the kernel
-  has it, else ``MADV_WILLNEED`` + ``pread``), which also warms the planned resident set when idle;
+* ``request()`` queues look-ahead prefetches for the thread, which reads them with large ``pread``
+  calls on descriptors opened ``POSIX_FADV_RANDOM`` (no read-ahead into neighbouring experts), and
+  warms the planned resident set when idle;
 * eviction order: copies the plan does not keep (least recently used first), then kept experts of
   lowest importance; ranges in use this step are never evicted. ``MADV_PAGEOUT``/``MADV_DONTNEED``
   + ``FADV_DONTNEED`` drop them.
@@ -63,10 +64,13 @@ class Pager:
         L, E, T = index.n_layer, index.n_expert, len(index.tiers)
         self.off = np.zeros((L, E, T, 3), dtype=np.int64)  # (layer, expert, tier, matrix) -> file offset
         self.len = np.zeros((L, E, T, 3), dtype=np.int64)
-        for (layer, m, e, tier), s in index._slices.items():  # noqa: SLF001 - same package
-            t = index.tiers.index(tier)
-            self.off[layer, e, t, MATRICES.index(m)] = s.offset
-            self.len[layer, e, t, MATRICES.index(m)] = s.nbytes
+        for layer in index.moe_layers:
+            for t, tier in enumerate(index.tiers):
+                for i, m in enumerate(MATRICES):
+                    for e in range(E):
+                        s = index.slice(layer, m, e, tier)
+                        self.off[layer, e, t, i] = s.offset
+                        self.len[layer, e, t, i] = s.nbytes
         self.full = self.len.sum(-1)  # [L, E, T] bytes of one expert copy
         self._p0 = self.off // vm.PAGE
         self._p1 = (self.off + self.len + vm.PAGE - 1) // vm.PAGE
@@ -105,9 +109,14 @@ class Pager:
             os.close(self.base_fd)
             self.base_fd = -1
 
-    def set_plan(self, keep: np.ndarray, scores: np.ndarray) -> None:
-        """The planned tier per expert (-1 = not resident) and the importance ordering evictions."""
-        keep = keep.astype(np.int16, copy=True)
+    def set_plan(self, moe_layers: tuple[int, ...], kept: np.ndarray, scores: np.ndarray) -> None:
+        """The planned tier per expert of each MoE layer (-1 = not resident), ``kept`` [n_moe_layers,
+        n_expert], and the importance ordering evictions, ``scores`` of the same shape."""
+        keep = np.full(self.keep.shape, -1, dtype=np.int16)
+        keep[list(moe_layers)] = kept
+        full_scores = np.zeros(self.scores.shape)
+        full_scores[list(moe_layers)] = scores
+        scores = full_scores
         with self._lock:
             changed = not np.array_equal(keep, self.keep)
             self.keep = keep
@@ -164,6 +173,17 @@ class Pager:
         self._wake.set()
 
     # ------------------------------------------------------------------ measurement
+    def count_resident(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> int:
+        """How many of ``experts`` (at ``tiers``; BASE copies are not counted) are resident now (mincore)."""
+        hits = 0
+        for e, t in zip(experts.tolist(), tiers.tolist()):
+            if t < 0:  # the base file's copy (manual policy): not paged by us
+                continue
+            addr = self.mappings[t].addr
+            hits += all(vm.mincore(addr + int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i])).all()
+                        for i in range(3))
+        return hits
+
     def residency(self) -> tuple[np.ndarray, int]:
         """Measured resident bytes per (layer, expert, tier) ``[L, E, T]`` and of the base experts."""
         out = np.zeros(self.model.shape, dtype=np.int64)
