@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dymoe_gguf._native.tensor import f32_array, f32_matrix, f32_weight, i32_matrix, name_of, tensor_at
+from dymoe_gguf.runtime.guard import Guard
 
 GGML_OP_MUL = 7  # enum ggml_op in ggml.h (NONE, DUP, ADD, ADD_ID, ADD1, ACC, SUB, MUL, ...)
 
@@ -59,7 +60,7 @@ class Observer:
     """
 
     def __init__(self, moe_layers: tuple[int, ...], handlers: dict[str, Handler],
-                 peek: tuple[str, ...] = ("ffn_moe_probs", "ffn_inp")) -> None:
+                 peek: tuple[str, ...] = ("ffn_moe_probs", "ffn_inp"), guard: Guard | None = None) -> None:
         self.discovered = Discovered()
         self._live: dict[bytes, tuple[Handler, int]] = {}
         self._warm: dict[bytes, tuple[Handler, int]] = {}
@@ -82,7 +83,8 @@ class Observer:
         self.warmup_expert: int | None = None
         self.calls = 0
         self.seconds = 0.0  # time spent in the callback (ask and compute), for its cost
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the first exception raised in a handler (for stats)
+        self.guard = guard if guard is not None else Guard()
 
     @property
     def ready(self) -> bool:
@@ -102,6 +104,8 @@ class Observer:
     def __call__(self, ptr: int, ask: bool, user_data: int) -> bool:  # noqa: ARG002 - C signature
         t0 = time.perf_counter()
         try:
+            if self.guard.failing:  # stop this decode: ask for the node, then end the node loop on it
+                return bool(ask)
             name = name_of(ptr)
             if ask:
                 if self._discover:
@@ -115,11 +119,13 @@ class Observer:
             if entry is not None:
                 entry[0](entry[1], ptr)
             return True
-        except BaseException as exc:  # never let an exception unwind through C
+        except BaseException as exc:  # never let an exception unwind through C: stop and re-raise later
             if self.error is None:
                 self.error = exc
-                logging.getLogger(__name__).error("eval callback failed", exc_info=exc)
-            return True
+            if not isinstance(exc, KeyboardInterrupt):
+                logging.getLogger(__name__).debug("eval callback failed", exc_info=exc)
+            self.guard.fail(exc)
+            return not ask  # computed node: False ends the scheduler's node loop
         finally:
             self.calls += 1
             self.seconds += time.perf_counter() - t0
