@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import psutil
 
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import parse_tier
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
 from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS, NOT_RESIDENT
+from dymoe_gguf.runtime.decide.planner import BASE
+from dymoe_gguf.util import human_bytes
 
 
 class Policy(str, enum.Enum):
@@ -96,8 +100,21 @@ def parse_budget(spec: str | int | None) -> int | None:
         raise RuntimeConfigError(str(exc).replace("a size", "a memory budget")) from None
 
 
+_ALIASES = {"budget": "memory_budget", "skip": "skip_threshold", "min_recall": "lookahead_min_recall"}
+
+
+def _check_names(kw: dict) -> None:
+    """Unknown option names get a one-line error with the likely intended name."""
+    known = {f.name for f in fields(RuntimeConfig)} - {"policy", "tier", "budget"}
+    for name in sorted(set(kw) - known):
+        hint = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, [*known, "memory_budget"], 1)), None)
+        raise RuntimeConfigError(f"Unknown runtime option {name!r}" + (f": did you mean {hint!r}?" if hint else
+                                 f"; expected memory_budget, policy or one of {', '.join(sorted(known))}"))
+
+
 def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, **kw) -> RuntimeConfig:
     """Validated :class:`RuntimeConfig` from user-facing options."""
+    _check_names(kw)
     name = str(policy).strip().lower()
     kind, _, tier = name.partition(":")
     if kind not in POLICY_CHOICES[:-1] + (Policy.UNIFORM.value,) or bool(tier) != (kind == Policy.UNIFORM.value):
@@ -120,6 +137,14 @@ def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, *
     return cfg
 
 
+def check_against(cfg: RuntimeConfig, index: BundleIndex) -> None:
+    """Raise if ``cfg`` names tiers or layers ``index``'s bundle lacks."""
+    if cfg.uniform_tier is not None and parse_tier(cfg.uniform_tier) not in index.tiers:
+        raise RuntimeConfigError(f"Tier {cfg.uniform_tier} is not in this bundle (tiers: "
+                                 f"{', '.join(t.name for t in index.tiers)})")
+    resolve_pins(cfg, index)
+
+
 def resolve_pins(cfg: RuntimeConfig, index: BundleIndex) -> dict[int, int]:
     """``cfg.pins`` ({layer: tier name or "none"}) as {MoE layer index: tier index or NOT_RESIDENT}."""
     moe_index = {layer: i for i, layer in enumerate(index.moe_layers)}
@@ -135,3 +160,24 @@ def resolve_pins(cfg: RuntimeConfig, index: BundleIndex) -> dict[int, int]:
             raise RuntimeConfigError(f"Cannot pin layer {layer} to {tier.name}: not a tier of this bundle")
         pins[moe_index[layer]] = index.tiers.index(tier)
     return pins
+
+
+def manual_tiers(index: BundleIndex, tiers: dict[tuple[int, int], str]) -> np.ndarray:
+    """``{(layer, expert): "Q2_K" | "base"}`` as tier indices ``[n_moe_layers, n_expert]`` (BASE elsewhere)."""
+    out = np.full((len(index.moe_layers), index.n_expert), BASE, dtype=np.int16)
+    moe_index = {layer: i for i, layer in enumerate(index.moe_layers)}
+    for (layer, e), name in tiers.items():
+        if layer not in moe_index or not 0 <= e < index.n_expert:
+            raise RuntimeConfigError(f"No expert {e} in MoE layer {layer}: MoE layers are {list(index.moe_layers)}, "
+                                     f"experts 0..{index.n_expert - 1}")
+        out[moe_index[layer], e] = BASE if name == "base" else index.tiers.index(parse_tier(name))
+    return out
+
+
+def check_budget_floor(budget: int | None, floor: int, n_tokens: int) -> None:
+    """Refuse a budget below the minimum working set ``floor`` of an ``n_tokens`` batch."""
+    if budget is not None and budget < floor:
+        raise RuntimeConfigError(
+            f"Memory budget {human_bytes(budget)} is below the minimum working set, {human_bytes(floor)} "
+            f"({floor} bytes): one MoE layer of a {n_tokens}-token batch can select that many expert bytes at "
+            f"the lowest tier. Raise the budget or lower n_ubatch")

@@ -6,9 +6,9 @@ populate (``DYMOE_NO_POPULATE``), so opening reads its metadata and dense weight
 
 1. before llama.cpp parses the file, its metadata is read through a descriptor without read-ahead
    (llama.cpp's buffered reads would start the device's read-ahead, which runs on into the experts);
-2. after loading, fault read-ahead is switched off on the base file's experts (one fault would read
-   megabytes of experts no view will ever read) and the dense weights, plus expert 0 of every
-   layer, are read in bulk;
+2. after loading, fault read-around is switched off on the whole mapping (one fault would read
+   megabytes of experts no view will ever read: :func:`no_read_around`) and the dense weights, plus
+   expert 0 of every layer, are read in bulk;
 3. the warm-up decode, which discovers the weight tensors in the graph, routes every slot to
    expert 0, so it reads nothing else.
 
@@ -24,11 +24,13 @@ from typing import Any
 from dymoe_gguf._native import vm
 from dymoe_gguf._native.llama import make_eval_callback, open_llama
 from dymoe_gguf.bundle import BundleIndex
-from dymoe_gguf.bundle.format import is_expert_tensor
+from dymoe_gguf.bundle.format import is_expert_tensor, parse_tier
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
 from dymoe_gguf.runtime import decide
-from dymoe_gguf.runtime.config import Mode
+from dymoe_gguf.runtime.config import Mode, Policy, RuntimeConfig, resolve_pins
 from dymoe_gguf.runtime.observe import Discovered, Observer, weight_matrix
+from dymoe_gguf.runtime.pager import Pager
+from dymoe_gguf.runtime.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,19 @@ def prepare_cold_start(index: BundleIndex) -> bool:
     experts = [t for name, t in index.base_tensors.items() if is_expert_tensor(name)]
     dense = [(t.offset, t.nbytes) for name, t in index.base_tensors.items() if not is_expert_tensor(name)]
     first = [(t.offset, t.nbytes // index.n_expert) for t in experts]  # expert 0's slice of each tensor
-    for t in experts:
-        vm.madvise(addr + t.offset, t.nbytes, vm.MADV_RANDOM)
+    no_read_around(index, addr)
     vm.read_file_ranges(str(index.base_path), dense + first)
     return True
+
+
+def no_read_around(index: BundleIndex, mapped_base: int) -> None:
+    """``MADV_RANDOM`` on every tensor of llama.cpp's mapping of the base file. A page fault then
+    reads that page only: with the kernel's read-around (up to read_ahead_kb, 8 MiB here), one
+    fault in a dense tensor would read the neighbouring experts into the page cache, where no view
+    reads them and no budget counts them. Dense weights are read in bulk beforehand, so their
+    faults are minor ones."""
+    for t in index.base_tensors.values():
+        vm.madvise(mapped_base + t.offset, t.nbytes, vm.MADV_RANDOM)
 
 
 def populate_dense(index: BundleIndex, mapped_base: int) -> None:
@@ -83,7 +94,7 @@ def load(index: BundleIndex, observer: Observer, *, no_populate: bool, llama_kwa
     callback = make_eval_callback(observer)
     if no_populate:
         read_header(index)
-    llm = open_llama(index.base_path, cb_eval=callback, no_populate=no_populate, **llama_kwargs)
+    llm = open_llama(index.base_path, cb_eval=callback, no_populate=no_populate, guard=observer.guard, **llama_kwargs)
     try:
         cold = no_populate and prepare_cold_start(index)
         observer.warmup_expert = 0 if cold else None
@@ -136,3 +147,27 @@ def predictor(index: BundleIndex, d: Discovered, k: int) -> decide.Predictor | N
         log.warning("router weights are not F32: look-ahead disabled")
         return None
     return decide.Predictor(routers, norms, k)
+
+
+def planner(index: BundleIndex, cfg: RuntimeConfig, importance: decide.ImportanceTracker, *,
+            per_layer: bool) -> decide.Planner:
+    """The planner for ``cfg``'s policy over the MoE layers' expert sizes."""
+    uniform = index.tiers.index(parse_tier(cfg.uniform_tier)) if cfg.uniform_tier else None
+    schedule = decide.DepthSchedule(cfg.depth, r_max=cfg.r_max, r_min=cfg.r_min, pins=resolve_pins(cfg, index))
+    return decide.Planner(index.expert_bytes()[list(index.moe_layers)], importance, schedule, budget=cfg.budget,
+                          per_layer=per_layer, uniform_tier=uniform, manual=cfg.policy is Policy.MANUAL,
+                          alloc=decide.AllocationConfig(promote_margin=cfg.promote_margin))
+
+
+def apply_side(index: BundleIndex, cfg: RuntimeConfig, loaded: Loaded, patch: Any) -> tuple[dict, Views, Pager]:
+    """The sidecar mappings, the views bound to the discovered expert tensors and the pager; the
+    base file's dense weights brought in (when the load did not) and its read-around switched off."""
+    mappings = {i: vm.Mapping.open(str(index.tier_paths[tier])) for i, tier in enumerate(index.tiers)}
+    views = Views(index, mappings, patch)
+    views.bind(loaded.discovered.experts)
+    base = views.mapped_base()
+    pager = Pager(index, mappings, cfg.budget, base, drop_base=cfg.policy is not Policy.MANUAL)
+    if patch is not None and cfg.budget is not None and not loaded.cold_start:
+        populate_dense(index, base)  # read every token: in bulk now
+    no_read_around(index, base)
+    return mappings, views, pager

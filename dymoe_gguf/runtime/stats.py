@@ -29,6 +29,7 @@ class ControllerStats:
     hit_rate: float | None  # selected experts already resident when selected
     hit_rate_by_layer: list[float | None]
     skipped_slots: int
+    lowered_batches: int  # layer batches read at the lowest tier because their planned tiers exceeded the budget
     callback_calls: int
     callback_seconds: float
     callback_error: str | None  # the first exception raised inside the eval callback, if any
@@ -51,6 +52,7 @@ class StatsCounter:
         self.tokens = 0
         self.steps = 0
         self.skipped = 0
+        self.lowered_batches = 0  # layer batches read at the lowest tier to fit the budget
         self.hits = np.zeros(n_moe_layers, dtype=np.int64)
         self.uses = np.zeros(n_moe_layers, dtype=np.int64)
         self.lookahead = LookaheadStats(n_moe_layers, max(1, lookahead))
@@ -60,8 +62,10 @@ class StatsCounter:
         """Zero the counters after set-up (warm-up decode, initial warming are not counted)."""
         self._read0 = vm.read_bytes()
 
-    def snapshot(self, *, mode: str, policy: str, budget: int | None, views, pager, observer, index,
-                 step) -> ControllerStats:
+    def snapshot(self, ctl) -> ControllerStats:
+        """The stats of controller ``ctl`` now."""
+        views, pager, observer, index, step = ctl.views, ctl.pager, ctl.observer, ctl.index, ctl.step
+        mode = "off" if ctl.cfg.policy == "off" else ctl.mode
         recall = float(self.lookahead.recall_by_distance[0])  # next layer only; NaN before any update
         by_layer = [None if np.isnan(x) else float(x) for x in self.lookahead.recall_table[:, 0]]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -71,15 +75,16 @@ class StatsCounter:
         planner = step.planner if step is not None else None
         gate = step.gate if step is not None else None
         return ControllerStats(
-            mode=mode, policy=policy, tokens=self.tokens, steps=self.steps,
+            mode=mode, policy=ctl.cfg.policy_name, tokens=self.tokens, steps=self.steps,
             lookahead_recall=None if np.isnan(recall) else recall,
             lookahead_recall_by_layer=by_layer,
             tier_changes=planner.tier_changes if planner is not None else 0,
             view_changes=views.changes if views is not None else 0,
             resident_expert_bytes=int(resident), max_resident_expert_bytes=int(ps.get("max_resident", resident)),
-            budget_bytes=budget, bytes_read=vm.read_bytes() - self._read0,
+            budget_bytes=ctl.cfg.budget, bytes_read=vm.read_bytes() - self._read0,
             hit_rate=float(self.hits.sum() / self.uses.sum()) if self.uses.sum() else None,
             hit_rate_by_layer=hit_layer, skipped_slots=self.skipped,
+            lowered_batches=self.lowered_batches,
             callback_calls=observer.calls if observer is not None else 0,
             callback_seconds=round(observer.seconds, 6) if observer is not None else 0.0,
             callback_error=repr(observer.error) if observer is not None and observer.error else None,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dymoe_gguf.runtime import decide
-from dymoe_gguf.runtime.config import Policy, RuntimeConfig
+from dymoe_gguf.runtime.config import Policy, RuntimeConfig, check_budget_floor
 from dymoe_gguf.runtime.observe import LayerRouting, read_f32, read_topk
 from dymoe_gguf.runtime.stats import StatsCounter
 
@@ -37,6 +37,7 @@ class Step:
         # tokens between re-plans (None: the plan is frozen)
         self.replan_every = cfg.reallocate_every if cfg.policy is Policy.DYMOE else None
         self.measure_hits = cfg.measure_hits
+        self.observing = cfg.policy is Policy.OBSERVE
         self.gate = decide.PrefetchGate(len(moe_layers), cfg.lookahead_min_recall)
         # wired by the controller once the model is loaded
         self.observer: Any = None
@@ -51,6 +52,16 @@ class Step:
         self._predicted: dict[int, list[tuple[int, np.ndarray]]] = {}  # target -> [(distance, ids)]
         self._skip_weights: dict[int, np.ndarray] = {}
         self._since_replan = 0
+
+    def handlers(self, extra: dict) -> tuple[dict, tuple[str, ...]]:
+        """The eval-callback handlers by node kind (each costs a graph split per layer) and the kinds
+        to peek (read at the safe point without a split of their own)."""
+        handlers = {"ffn_moe_topk": self.on_topk, **extra}
+        if self.skip is not None:
+            handlers["ffn_moe_weights"] = self.on_weights
+        if self.lookahead > 0 and not self.observing:
+            handlers.setdefault("l_out", self.on_layer_out)
+        return handlers, ("ffn_moe_probs", "ffn_inp") if self.lookahead > 0 else ("ffn_moe_probs",)
 
     # ------------------------------------------------------------------ the safe point
     def on_topk(self, layer: int, ptr: int) -> None:
@@ -83,9 +94,7 @@ class Step:
         if self.views is not None:
             used = self._skip(layer, view, ids, w)
             experts = np.unique(used)
-            tiers = self.planner.view_tiers[mi][experts]
-            if self.views.mode == "per-expert":
-                self.views.set_experts(layer, self.planner.view_tiers[mi], only=experts)
+            tiers = self._point_views(mi, layer, experts)
             if self.pager is not None:
                 if self.measure_hits and self.pager.budget is not None:
                     self.counter.hits[mi] += self.pager.count_resident(layer, experts, tiers)
@@ -96,6 +105,27 @@ class Step:
                     self._lookahead_early(mi, read_f32(hidden_ptr), n)
         if mi == len(self.moe_layers) - 1:
             self.end_of_token()
+
+    def _point_views(self, mi: int, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Point the selected experts at their planned tiers, or — when this batch selects more of
+        them than the budget holds at those tiers (a long prompt selects nearly all) — at the lowest
+        tier for this batch. Returns the tier each selected expert reads."""
+        row = self.planner.view_tiers[mi]
+        tiers = row[experts]
+        if self.views.mode == "per-layer":
+            tiers = np.full(len(experts), self.planner.layer_tier(mi), dtype=row.dtype)
+        budget = self.pager.budget if self.pager is not None else None
+        if budget is not None and tiers.min() >= 0 and tiers.max() > 0:
+            if self.pager.full[layer, experts, tiers].sum() > budget * self.pager.TARGET:
+                tiers = np.zeros_like(tiers)
+                self.counter.lowered_batches += 1
+        if self.views.mode == "per-layer":
+            self.views.set_layer(layer, int(tiers[0]))
+        else:
+            row = row.copy()
+            row[experts] = tiers
+            self.views.set_experts(layer, row, only=experts)
+        return tiers
 
     def _skip(self, layer: int, view: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Drop low-weight slots (rewriting the graph's ids now, its weights at ffn_moe_weights)."""
@@ -177,6 +207,18 @@ class Step:
         if self.replan_every is not None and self._since_replan >= self.replan_every:
             self._since_replan = 0
             self.replan()
+
+    def check_budget(self, budget: int | None, n_tokens: int) -> None:
+        """Refuse a budget below what one MoE layer of an ``n_tokens`` batch may need at once."""
+        floor = decide.working_set_floor(self.planner.sizes, self.importance.top_k, n_tokens)
+        check_budget_floor(budget, floor, n_tokens)
+
+    def set_budget(self, budget: int, n_tokens: int) -> None:
+        """A new budget (between decodes): re-plan for it and evict down to it now."""
+        self.check_budget(budget, n_tokens)
+        self.planner.budget = self.pager.budget = budget
+        self.replan(apply_all=True)
+        self.pager.enforce_now()
 
     def replan(self, apply_all: bool = False) -> None:
         """Re-plan tiers and hand the plan to the pager and the views: per-layer views at once (safe

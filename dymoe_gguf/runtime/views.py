@@ -68,14 +68,6 @@ class Views:
         key, st = next(iter(self._orig.items()))
         return st.data - self.index.base_tensors[base_expert_name(*key)].offset
 
-    def base_ranges(self) -> list[tuple[int, int]]:
-        """(address, length) of the base file's expert tensors as llama.cpp mapped them."""
-        out = []
-        for key, st in self._orig.items():
-            base = self.index.base_tensors[base_expert_name(*key)]
-            out.append((st.data, base.nbytes))
-        return out
-
     def set_layer(self, layer: int, tier: int) -> bool:
         """Point all experts of ``layer`` at sidecar tier ``tier`` (or BASE); True if it changed."""
         if self.layer_tier.get(layer) == tier:

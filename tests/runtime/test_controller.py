@@ -265,12 +265,12 @@ def test_cold_start_reads_dense_weights_and_budget_only(bundle):
     idx = BundleIndex(out)
     experts = sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." in n)
     dense = sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." not in n)
-    budget = 1 << 20
+    budget = 1 << 20  # holds the working set of a 4-token batch (8 experts), not of 64 tokens (all 64)
     for f in [idx.base_path, *idx.tier_paths.values()]:
         vm.drop_file_cache(str(f))
     with Controller.open(out, memory_budget=budget, policy="dymoe") as ctl:
         before = vm.read_bytes()
-        llm = ctl.llama(n_ctx=64, n_threads=2)
+        llm = ctl.llama(n_ctx=64, n_batch=4, n_threads=2)
         read = vm.read_bytes() - before
         assert llm.eval(PROMPT) is None and ctl.stats().callback_error is None
     if read == 0:
@@ -309,3 +309,20 @@ def test_lookahead_prefetch_pauses_when_recall_is_poor(bundle):
     assert all(s["lookahead_prefetching"]) and end > mid
     with pytest.raises(RuntimeConfigError, match="lookahead_min_recall"):
         Controller.open(out, lookahead_min_recall=1.5)
+
+
+def test_no_path_uses_llama_cpps_extra_buffer_types_unless_asked(q8_bundle, tmp_path):
+    """AMX / CPU_REPACK copy experts out of the mapping and AMX crashes upstream on some Intel CPUs:
+    every Llama the product builds has use_extra_bufts off, policy off (plain llama.cpp) included."""
+    for policy in ("off", "dymoe", "observe"):
+        with Controller.open(q8_bundle, policy=policy) as ctl:
+            assert ctl.llama(n_ctx=64).model_params.use_extra_bufts is False, policy
+    with Controller.open(q8_bundle, policy="off") as ctl:
+        assert ctl.llama(n_ctx=64, repack=True).model_params.use_extra_bufts is True  # only when asked
+    with pytest.raises(RuntimeConfigError, match="only policy 'off'"):
+        Controller.open(q8_bundle, policy="dymoe").llama(n_ctx=64, repack=True)
+    ref = open_llama(q8_bundle / "model.gguf", n_ctx=64)  # eval's reference model
+    try:
+        assert ref.model_params.use_extra_bufts is False
+    finally:
+        ref.close()
