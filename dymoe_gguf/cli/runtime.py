@@ -143,8 +143,9 @@ def run(bundle: Path | None, model: Path | None, ctx: int, threads: int | None, 
             stats.pop("tiers_by_layer", None)
             emit({"text": out, "n_ctx": s.n_ctx, "timings": s.timings.to_dict(), "stats": stats}, True, "")
             return
+        pieces = s.complete(text, max_tokens=n_tokens, sampling=sampling)  # a prompt too long fails here
         click.echo(text, nl=False)
-        for piece in s.complete(text, max_tokens=n_tokens, sampling=sampling):
+        for piece in pieces:
             click.echo(piece, nl=False)  # echo flushes: tokens appear as they are generated
         click.echo()
         if not quiet():

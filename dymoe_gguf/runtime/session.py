@@ -197,7 +197,7 @@ class Session:
 
     def complete(self, prompt: str, *, max_tokens: int = 64, sampling: Sampling = Sampling()) -> Iterator[str]:
         """Stream the text generated after ``prompt`` (``max_tokens`` <= 0: until the end of
-        generation or of the context)."""
+        generation or of the context). A prompt that does not fit is refused here, before any text."""
         n = self.count_tokens(prompt)
         if n >= self.n_ctx:
             raise RuntimeConfigError(f"The prompt is {n} tokens but the context holds {self.n_ctx}: pass a "
@@ -205,6 +205,9 @@ class Session:
                                      "shorter prompt")
         if max_tokens > 0 and n + max_tokens > self.n_ctx:
             log.warning("the context holds %d tokens: generation stops after %d", self.n_ctx, self.n_ctx - n)
+        return self._complete(prompt, max_tokens, sampling)
+
+    def _complete(self, prompt: str, max_tokens: int, sampling: Sampling) -> Iterator[str]:
         meter = Meter(self.llm)
         stream = self.llm.create_completion(prompt, max_tokens=max_tokens if max_tokens > 0 else None, stream=True,
                                             **with_meter(sampling.kwargs(), meter))
@@ -221,10 +224,10 @@ class Session:
         self.check_chat()
         while True:
             meter = Meter(self.llm)
-            stream = iter(self.llm.create_chat_completion(
-                messages=messages, max_tokens=max_tokens if max_tokens > 0 else None, stream=True,
-                **with_meter(sampling.kwargs(), meter)))
             try:
+                stream = iter(self.llm.create_chat_completion(
+                    messages=messages, max_tokens=max_tokens if max_tokens > 0 else None, stream=True,
+                    **with_meter(sampling.kwargs(), meter)))
                 first = next(stream, None)
             except ValueError as exc:
                 if "exceed context window" not in str(exc):
