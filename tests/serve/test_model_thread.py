@@ -36,6 +36,7 @@ def test_calls_from_many_threads_run_on_the_model_thread(model):
         while (c := pool.submit(next, stream, None).result()) is not None:
             chunks.append(c)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["model"] == "tiny"
+    assert seen == {model_thread}
     # three completions at once from three threads, without the routes' locks
     with ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda i: llama(prompt=f"Story {i}:", max_tokens=8, logits_processor=[spy]), range(3)))
