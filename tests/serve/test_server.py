@@ -162,3 +162,24 @@ def test_chat_with_a_template_and_sigint(chat_bundle, tmp_path):
         assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         assert s.stop(signal.SIGINT) == 0, s.text()
+
+
+def test_serve_bad_input_is_one_line(shipped_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from dymoe_gguf.cli import cli
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cases = [([str(tmp_path / "missing.dymoe"), "--port", "0"], "does not exist"),
+                 ([str(shipped_bundle), "--port", str(busy.getsockname()[1])], "Address already in use"),
+                 ([str(shipped_bundle), "--port", "0", "--chat-format", "nonsense"], "Unknown chat format"),
+                 ([str(shipped_bundle), "--port", "0", "--budget", "lots"], "memory budget")]
+        for args, message in cases:
+            res = CliRunner().invoke(cli, ["serve", *args])
+            assert res.exit_code == 1 and message in res.output, (args, res.output)
+            assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    finally:
+        busy.close()
