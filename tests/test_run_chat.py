@@ -28,7 +28,7 @@ def chat_bundle(shipped_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def session(shipped_bundle):
     # one tier for every expert: greedy output does not depend on what the controller learned so far
-    with Session.open(shipped_bundle, policy="uniform:Q4_K", n_threads=2) as s:
+    with Session.open(shipped_bundle, policy="uniform:Q4_K") as s:
         yield s
 
 
