@@ -13,6 +13,7 @@ first call marks the end of the prompt, the others the generated tokens.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -318,11 +319,16 @@ def _delta(chunk: dict) -> Iterator[str]:
 
 def check_chat_format(name: str) -> None:
     """Refuse a chat format llama-cpp-python does not know, naming the ones it does."""
-    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerRegistry
+    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerNotFoundException, get_chat_completion_handler
 
-    known = sorted(LlamaChatCompletionHandlerRegistry()._chat_handlers)  # the registry has no public listing
-    if name not in known and not name.startswith("chat_template."):
-        raise RuntimeConfigError(f"Unknown chat format {name!r}: expected one of {', '.join(known)}")
+    if name.startswith("chat_template."):  # a template of the model's own metadata
+        return
+    try:
+        get_chat_completion_handler(name)
+    except LlamaChatCompletionHandlerNotFoundException as exc:
+        known = sorted(re.findall(r"'([^']+)'", str(exc).partition("valid formats:")[2]))
+        raise RuntimeConfigError(f"Unknown chat format {name!r}: expected one of "
+                                 f"{', '.join(known) or 'the formats llama-cpp-python registers'}") from None
 
 
 def generate(bundle: Path, prompt: str, *, n_tokens: int = 64, n_threads: int | None = None, n_ctx: int = 0,
