@@ -160,7 +160,7 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waits o
 @LINUX
 def test_ctrl_c_during_run_exits_130_promptly(q8):
     exe = str(Path(sys.executable).with_name("dymoe-gguf"))
-    code, err, took = _interrupt([exe, "run", str(q8), "-p", "Hello", "-n", "100000", "--ctx", "2048"],
+    code, err, took = _interrupt([exe, "run", str(q8), "-p", "Hello", "-n", "2000", "--ctx", "2048"],
                                  q8 / "model.gguf", after=2)
     assert code == 130, (code, err[-2000:])
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
