@@ -7,8 +7,10 @@ every tier with the base's shape, 16 KiB alignment, a constant per-layer stride,
 ``GGUFReader`` parses every metadata field, the tokenizer's vocabulary included (seconds for a
 150k-token vocabulary, a third of a second for the bench's 4k one) — time a user waits before the
 first token. So the validated index is cached (``~/.cache/dymoe-gguf/index``; override with
-``DYMOE_INDEX_CACHE``, empty to switch it off), keyed by the bundle's path and each file's size, mtime and inode: the
-converter writes files under a temporary name and renames them, so any change gives a new key.
+``DYMOE_INDEX_CACHE``, empty to switch it off), keyed by the bundle's path and, per file, its size and an
+xxh3 hash of its header (metadata and tensor table: everything the index is built from). A file rewritten
+in place — even with its mtime restored — has another header (its ``dymoe.bundle_id`` at least) and so
+another key; reading and hashing a header costs milliseconds, parsing it seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import xxhash
 from gguf import GGMLQuantizationType as QT
 
 from dymoe_gguf.bundle.format import (
@@ -34,9 +37,12 @@ from dymoe_gguf.bundle.format import (
     aligned,
     base_expert_name,
     parse_tier,
+    sidecar_expert_name,
+    sidecar_file,
 )
-from dymoe_gguf.errors import BundleError
-from dymoe_gguf.util import atomic_file
+from dymoe_gguf.bundle.header import HeaderError, read_header
+from dymoe_gguf.errors import BundleError, DymoeError
+from dymoe_gguf.util import atomic_file, read_error
 
 
 @dataclass(frozen=True)
@@ -79,13 +85,24 @@ class BaseTensor:
 
 
 def _open(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
+    if not path.exists():
         raise BundleError(f"Bundle file {path.name} is missing from {path.parent}")
+    if not path.is_file():
+        raise BundleError(f"Bundle file {path} is not a file")
     try:
+        with open(path, "rb"):
+            pass
         return gguf.GGUFReader(path, "r")
+    except OSError as exc:
+        raise BundleError(read_error(path, exc)) from None
     except Exception as exc:
-        raise BundleError(f"Corrupt or truncated {path.name}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        try:  # a complete header: the data is what is cut short
+            read_header(path, set(), tensors=True)
+        except (HeaderError, OSError):
+            raise BundleError(f"Corrupt or truncated {path.name}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise BundleError(f"{path.name} is truncated: its tensor data ends early, at byte "
+                          f"{path.stat().st_size}") from None
 
 
 def _get(reader: gguf.GGUFReader, key: str, path: Path) -> object:
@@ -96,8 +113,27 @@ def _get(reader: gguf.GGUFReader, key: str, path: Path) -> object:
     return f.contents()
 
 
+def _hparams(reader: gguf.GGUFReader, arch: str) -> dict[str, int | bool]:
+    """The model hyper-parameters memory estimates and ``inspect`` need, from the base file's metadata."""
+    def num(key: str, default: int) -> int:
+        f = reader.get_field(f"{arch}.{key}")
+        v = None if f is None else f.contents()
+        if isinstance(v, list):  # per-layer values (some architectures): the largest
+            v = max((x for x in v if isinstance(x, (int, float))), default=None)
+        return int(v) if isinstance(v, (int, float)) else default
+
+    n_head, n_embd = num("attention.head_count", 0), num("embedding_length", 0)
+    head_dim = n_embd // n_head if n_head else 0
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    return {"n_layer": num("block_count", 0), "n_embd": n_embd, "n_head": n_head,
+            "n_head_kv": num("attention.head_count_kv", n_head), "key_length": num("attention.key_length", head_dim),
+            "value_length": num("attention.value_length", head_dim), "context_length": num("context_length", 0),
+            "n_expert_used": num("expert_used_count", 0), "n_vocab": len(tokens.data) if tokens is not None else 0,
+            "chat_template": reader.get_field("tokenizer.chat_template") is not None}
+
+
 log = logging.getLogger(__name__)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _cache_dir() -> Path | None:
@@ -107,11 +143,13 @@ def _cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "dymoe-gguf" / "index"
 
 
-def _signature(paths: list[Path]) -> list[tuple[str, int, int, int]]:
+def _signature(paths: list[Path], header_bytes: list[int]) -> list[tuple[str, int, int, int]]:
+    """Per file: name, size, header length and the xxh3 of the header's bytes."""
     out = []
-    for p in paths:
-        st = p.stat()
-        out.append((p.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    for p, n in zip(paths, header_bytes):
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            out.append((p.name, size, n, xxhash.xxh3_64_intdigest(f.read(n))))
     return out
 
 
@@ -122,6 +160,8 @@ class BundleIndex:
         root = Path(root)
         if root.is_file() and root.name.endswith(".gguf"):
             root = root.parent
+        if root.exists() and not root.is_dir():
+            raise BundleError(f"Bundle {root} is a file, not a bundle directory written by `dymoe-gguf convert`")
         if not root.is_dir():
             raise BundleError(f"Bundle {root} does not exist: expected a directory written by `dymoe-gguf convert`")
         root = root.resolve()  # cached paths must not depend on the working directory
@@ -139,7 +179,9 @@ class BundleIndex:
         try:
             with open(cache, "rb") as f:
                 version, sig, state = pickle.load(f)
-            if version != _CACHE_VERSION or _signature([self.root / name for name, *_ in sig]) != sig:
+            if version != _CACHE_VERSION:
+                return False
+            if _signature([self.root / name for name, *_ in sig], [n for _name, _size, n, _h in sig]) != sig:
                 return False
             if sig[0][0] != BASE_FILE:
                 return False
@@ -152,7 +194,8 @@ class BundleIndex:
 
     def _store_cached(self, cache: Path) -> None:
         try:
-            sig = _signature([self.base_path, *self.tier_paths.values()])
+            paths = [self.base_path, *self.tier_paths.values()]
+            sig = _signature(paths, [self._header_bytes[p.name] for p in paths])
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(cache) as tmp, open(tmp, "wb") as f:
                 pickle.dump((_CACHE_VERSION, sig, self.__dict__), f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -163,22 +206,37 @@ class BundleIndex:
     def _build(self, root: Path) -> None:
         self.base_path = root / BASE_FILE
         base = _open(self.base_path)
+        self._header_bytes = {BASE_FILE: int(base.data_offset)}
         version = _get(base, Key.FORMAT_VERSION, self.base_path)
         if version != FORMAT_VERSION:
             raise BundleError(f"Bundle format {version} is not supported: expected {FORMAT_VERSION}; "
                               "re-convert with this version of dymoe-gguf")
+        if _get(base, Key.ROLE, self.base_path) != "base":
+            raise BundleError(f"{BASE_FILE} is not a bundle's base file ({Key.ROLE} is "
+                              f"{_get(base, Key.ROLE, self.base_path)!r}): was a sidecar renamed?")
         self.bundle_id = str(_get(base, Key.BUNDLE_ID, self.base_path))
         self.arch = str(_get(base, "general.architecture", self.base_path))
-        self.base_tier = parse_tier(str(_get(base, Key.BASE_TIER, self.base_path)))
-        self.tiers = tuple(parse_tier(str(t)) for t in _get(base, Key.TIERS, self.base_path))  # type: ignore[union-attr]
-        tier_files = [str(t) for t in _get(base, Key.TIER_FILES, self.base_path)]  # type: ignore[union-attr]
-        self.n_layer = int(_get(base, Key.N_LAYER, self.base_path))  # type: ignore[arg-type]
-        self.n_expert = int(_get(base, Key.N_EXPERT, self.base_path))  # type: ignore[arg-type]
-        self.moe_layers = tuple(int(x) for x in _get(base, Key.MOE_LAYERS, self.base_path))  # type: ignore[union-attr]
-        self.alignment = int(_get(base, Key.EXPERT_ALIGNMENT, self.base_path))  # type: ignore[arg-type]
+        try:
+            self.base_tier = parse_tier(str(_get(base, Key.BASE_TIER, self.base_path)))
+            self.tiers = tuple(parse_tier(str(t)) for t in _get(base, Key.TIERS, self.base_path))  # type: ignore[union-attr]
+            tier_files = [str(t) for t in _get(base, Key.TIER_FILES, self.base_path)]  # type: ignore[union-attr]
+            self.n_layer = int(_get(base, Key.N_LAYER, self.base_path))  # type: ignore[arg-type]
+            self.n_expert = int(_get(base, Key.N_EXPERT, self.base_path))  # type: ignore[arg-type]
+            self.moe_layers = tuple(int(x) for x in _get(base, Key.MOE_LAYERS, self.base_path))  # type: ignore[union-attr]
+            self.alignment = int(_get(base, Key.EXPERT_ALIGNMENT, self.base_path))  # type: ignore[arg-type]
+        except (DymoeError, TypeError, ValueError) as exc:
+            raise BundleError(f"Corrupt {BASE_FILE}: bad dymoe metadata ({exc})") from None
+        if ([sidecar_file(t) for t in self.tiers] != tier_files or not self.tiers or self.n_expert < 1
+                or self.alignment < 1 or not all(0 <= layer < self.n_layer for layer in self.moe_layers)):
+            raise BundleError(f"Corrupt {BASE_FILE}: inconsistent dymoe metadata (tiers {list(self.tiers)}, "
+                              f"files {tier_files}, {self.n_expert} experts, MoE layers {list(self.moe_layers)} of "
+                              f"{self.n_layer})")
         self.source = {"kind": _get(base, Key.SOURCE_KIND, self.base_path),
                        "id": _get(base, Key.SOURCE_ID, self.base_path),
                        "fingerprint": _get(base, Key.SOURCE_FINGERPRINT, self.base_path)}
+        self.hparams = _hparams(base, self.arch)
+        algo = base.get_field(Key.CHECKSUM_ALGO)
+        self.checksum_algo = str(algo.contents()) if algo is not None else None
         self.base_tensors = {t.name: BaseTensor(t.name, int(t.data_offset), int(t.n_bytes), QT(t.tensor_type),
                                                 tuple(int(x) for x in reversed(t.shape.tolist())))
                              for t in base.tensors}
@@ -191,9 +249,9 @@ class BundleIndex:
         self._views = {(lay, m, t): self._make_view(lay, m, t)
                        for lay in self.moe_layers for m in MATRICES for t in self.tiers}
 
-    # ------------------------------------------------------------------ building
     def _index_sidecar(self, tier: Tier, path: Path) -> None:
         r = _open(path)
+        self._header_bytes[path.name] = int(r.data_offset)
         if _get(r, Key.BUNDLE_ID, path) != self.bundle_id:
             raise BundleError(f"{path.name} does not belong to this bundle (bundle id differs from "
                               f"{BASE_FILE}): it comes from another conversion; re-convert the bundle")
@@ -264,6 +322,16 @@ class BundleIndex:
         out = np.zeros((self.n_layer, self.n_expert, len(self.tiers)), dtype=np.int64)
         for (layer, _m, e, tier), s in self._slices.items():
             out[layer, e, self.tiers.index(tier)] += s.nbytes
+        return out
+
+    def file_tensors(self) -> dict[Path, list[tuple[str, int, int]]]:
+        """Per file (base first), ``(name, offset, nbytes)`` of each tensor in tensor-table order."""
+        out: dict[Path, list[tuple[str, int, int]]] = {
+            self.base_path: [(t.name, t.offset, t.nbytes) for t in self.base_tensors.values()]}
+        for path in self.tier_paths.values():
+            out[path] = []
+        for (layer, matrix, expert, _tier), s in self._slices.items():  # inserted in each file's table order
+            out[s.file].append((sidecar_expert_name(layer, matrix, expert), s.offset, s.nbytes))
         return out
 
     def tier_file_bytes(self) -> dict[str, int]:
