@@ -15,6 +15,7 @@ u64 ne[n_dims], u32 ggml type, u64 offset``; data starts at the next multiple of
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,16 @@ class HeaderError(ValueError):
     """The bytes are not a (complete) GGUF header."""
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor-table entry: name, ggml ``ne`` (fastest dimension first), type, offset from data start."""
+
+    name: str
+    ne: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
 @dataclass
 class Header:
     """What :func:`read_header` found: decoded values of the asked keys, where each value starts."""
@@ -43,12 +54,15 @@ class Header:
     n_kv: int
     values: dict[str, object] = field(default_factory=dict)
     value_offsets: dict[str, int] = field(default_factory=dict)  # byte offset of each key's value
-    data_start: int | None = None  # set when the tensor table was read
+    array_lengths: dict[str, int] = field(default_factory=dict)  # item count of every array, decoded or not
+    tensors: list[TensorEntry] = field(default_factory=list)  # when the tensor table was read
+    data_start: int | None = None  # likewise
 
 
 class _Reader:
     def __init__(self, f: BinaryIO, size: int) -> None:
         self.f, self.size = f, size
+        self.last_count = 0  # item count of the last array read
 
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
@@ -76,6 +90,9 @@ class _Reader:
         if vtype != VT.ARRAY:
             raise HeaderError(f"unknown value type {vtype} at byte {self.f.tell()}")
         sub, count = int(self.scalar("<I")), int(self.scalar("<Q"))
+        self.last_count = count
+        if count > self.size:
+            raise HeaderError(f"an array of {count} items at byte {self.f.tell()} cannot fit in the file")
         if sub in _NUMPY:
             nbytes = count * np.dtype(_NUMPY[VT(sub)]).itemsize
             if self.f.tell() + nbytes > self.size:
@@ -85,18 +102,37 @@ class _Reader:
                 return None
             return np.frombuffer(self.read(nbytes), dtype=_NUMPY[VT(sub)])
         items = [self.value(sub, decode) for _ in range(count)]
+        self.last_count = count  # after any nested arrays
         return items if decode else None
 
 
-def read_header(path: Path, keys: set[str] | None = None, *, tensors: bool = False) -> Header:
-    """Read ``path``'s header, decoding the values of ``keys`` (all when None).
+def open_no_readahead(path: Path, buffering: int = 1 << 20) -> BinaryIO:
+    """``path`` opened for reading without the kernel's read-ahead (``POSIX_FADV_RANDOM``, where it exists).
+
+    A header is a few kilobytes to megabytes at the start of a file of gigabytes: sequential
+    read-ahead would run on into the experts (8 MiB here, more on some devices), reading what the
+    runtime is careful not to read. The advice applies to this open file only.
+    """
+    f = open(path, "rb", buffering=buffering)  # returned to the caller
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            pass
+    return f
+
+
+def read_header(path: Path, keys: set[str] | None = None, *, tensors: bool = False,
+                skip: tuple[str, ...] = ()) -> Header:
+    """Read ``path``'s header, decoding the values of ``keys`` (when None: every key not starting with
+    one of ``skip``, e.g. ``("tokenizer.",)`` to step over a vocabulary without decoding it).
 
     Stops after the last asked key unless ``tensors`` is set, in which case the tensor table is
     read too and ``data_start`` is set. Raises :class:`HeaderError` on anything that is not a GGUF
     header, and ``OSError`` when the file cannot be read.
     """
-    with open(path, "rb") as f:
-        size = path.stat().st_size
+    with open_no_readahead(path) as f:
+        size = os.fstat(f.fileno()).st_size
         r = _Reader(f, size)
         if r.read(4) != b"GGUF":
             raise HeaderError("not a GGUF file (no GGUF magic)")
@@ -114,8 +150,11 @@ def read_header(path: Path, keys: set[str] | None = None, *, tensors: bool = Fal
             assert key is not None
             vtype = int(r.scalar("<I"))
             head.value_offsets[key] = f.tell()
-            decode = wanted is None or key in wanted or key == "general.alignment"
+            decode = ((wanted is None and not key.startswith(skip)) or (wanted is not None and key in wanted)
+                      or key == "general.alignment")
             val = r.value(vtype, decode)
+            if vtype == VT.ARRAY:
+                head.array_lengths[key] = r.last_count
             if decode:
                 head.values[key] = val
             if key == "general.alignment" and isinstance(val, int) and val > 0:
@@ -124,11 +163,14 @@ def read_header(path: Path, keys: set[str] | None = None, *, tensors: bool = Fal
                 return head
         if tensors:
             for _ in range(n_tensors):
-                r.string(decode=False)
+                name = r.string()
+                assert name is not None
                 n_dims = int(r.scalar("<I"))
-                if n_dims > 4:
-                    raise HeaderError(f"a tensor with {n_dims} dimensions at byte {f.tell()}")
-                r.read(8 * n_dims + 4 + 8)
+                if not 1 <= n_dims <= 4:
+                    raise HeaderError(f"tensor {name!r} has {n_dims} dimensions")
+                ne = struct.unpack(f"<{n_dims}Q", r.read(8 * n_dims))
+                ggml_type, offset = struct.unpack("<IQ", r.read(12))
+                head.tensors.append(TensorEntry(name, tuple(ne), ggml_type, offset))
             end = f.tell()
             head.data_start = (end + alignment - 1) // alignment * alignment
         return head

@@ -1,16 +1,16 @@
 """The bundle index: (layer, matrix, expert, tier) -> file, byte offset, length, type, shape.
 
-Built on ``gguf.GGUFReader`` (header and tensor table only; data stays on disk). Opening a bundle
-validates it: format version, the bundle id linking base and sidecars, that every expert exists in
-every tier with the base's shape, 16 KiB alignment, a constant per-layer stride, and file sizes.
+Built from each file's header and tensor table (:mod:`dymoe_gguf.bundle.header`; data stays on
+disk). Opening a bundle validates it: format version, roles, the bundle id linking base and
+sidecars, that every expert exists in every tier with the base's shape, 16 KiB alignment, a
+constant per-layer stride, and file sizes.
 
-``GGUFReader`` parses every metadata field, the tokenizer's vocabulary included (seconds for a
-150k-token vocabulary, a third of a second for the bench's 4k one) — time a user waits before the
-first token. So the validated index is cached (``~/.cache/dymoe-gguf/index``; override with
-``DYMOE_INDEX_CACHE``, empty to switch it off), keyed by the bundle's path and, per file, its size and an
-xxh3 hash of its header (metadata and tensor table: everything the index is built from). A file rewritten
-in place — even with its mtime restored — has another header (its ``dymoe.bundle_id`` at least) and so
-another key; reading and hashing a header costs milliseconds, parsing it seconds.
+The header reader steps over the tokenizer's vocabulary without decoding it (``gguf.GGUFReader``
+decodes every token: 4–6 s for a 50k-token vocabulary here, against 0.1 s). The validated index is
+also cached (``~/.cache/dymoe-gguf/index``; override with ``DYMOE_INDEX_CACHE``, empty to switch it
+off), keyed by the bundle's path and, per file, its size and an xxh3 hash of its header (metadata
+and tensor table: everything the index is built from). A file rewritten in place — even with its
+mtime restored — has another header (its ``dymoe.bundle_id`` at least) and so another key.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 import xxhash
 from gguf import GGMLQuantizationType as QT
 
 from dymoe_gguf.bundle.format import (
     BASE_FILE,
+    BUNDLE_ENTRY_RE,
     FORMAT_VERSION,
     MATRICES,
     SIDECAR_NAME_RE,
@@ -37,10 +37,11 @@ from dymoe_gguf.bundle.format import (
     aligned,
     base_expert_name,
     parse_tier,
+    row_bytes,
     sidecar_expert_name,
     sidecar_file,
 )
-from dymoe_gguf.bundle.header import HeaderError, read_header
+from dymoe_gguf.bundle.header import Header, HeaderError, open_no_readahead, read_header
 from dymoe_gguf.errors import BundleError, DymoeError
 from dymoe_gguf.util import atomic_file, read_error
 
@@ -84,52 +85,58 @@ class BaseTensor:
     shape: tuple[int, ...]  # numpy order
 
 
-def _open(path: Path) -> gguf.GGUFReader:
+def _read(path: Path) -> Header:
+    """``path``'s metadata (the vocabulary skipped, not decoded) and tensor table."""
     if not path.exists():
         raise BundleError(f"Bundle file {path.name} is missing from {path.parent}")
     if not path.is_file():
         raise BundleError(f"Bundle file {path} is not a file")
     try:
-        with open(path, "rb"):
-            pass
-        return gguf.GGUFReader(path, "r")
+        return read_header(path, None, tensors=True, skip=("tokenizer.",))
     except OSError as exc:
         raise BundleError(read_error(path, exc)) from None
-    except Exception as exc:
-        try:  # a complete header: the data is what is cut short
-            read_header(path, set(), tensors=True)
-        except (HeaderError, OSError):
-            raise BundleError(f"Corrupt or truncated {path.name}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        raise BundleError(f"{path.name} is truncated: its tensor data ends early, at byte "
-                          f"{path.stat().st_size}") from None
+    except HeaderError as exc:
+        raise BundleError(f"Corrupt or truncated {path.name}: {exc}") from None
 
 
-def _get(reader: gguf.GGUFReader, key: str, path: Path) -> object:
-    f = reader.get_field(key)
-    if f is None:
+def _get(head: Header, key: str, path: Path) -> object:
+    if key not in head.values:
         raise BundleError(f"{path.name} is not a dymoe-gguf bundle file: key {key} is missing "
                           "(convert the model with `dymoe-gguf convert`)")
-    return f.contents()
+    return head.values[key]
 
 
-def _hparams(reader: gguf.GGUFReader, arch: str) -> dict[str, int | bool]:
+def _tensors(head: Header, path: Path) -> list[BaseTensor]:
+    """The tensor table with absolute offsets and byte sizes."""
+    out = []
+    assert head.data_start is not None
+    for t in head.tensors:
+        try:
+            qtype = QT(t.ggml_type)
+            rows = int(np.prod(t.ne[1:], dtype=np.int64))
+            nbytes = rows * row_bytes(qtype, t.ne[0])
+        except ValueError as exc:
+            raise BundleError(f"Corrupt {path.name}: tensor {t.name}: {exc}") from None
+        out.append(BaseTensor(t.name, head.data_start + t.offset, nbytes, qtype, tuple(reversed(t.ne))))
+    return out
+
+
+def _hparams(head: Header, arch: str) -> dict[str, int | bool]:
     """The model hyper-parameters memory estimates and ``inspect`` need, from the base file's metadata."""
     def num(key: str, default: int) -> int:
-        f = reader.get_field(f"{arch}.{key}")
-        v = None if f is None else f.contents()
-        if isinstance(v, list):  # per-layer values (some architectures): the largest
-            v = max((x for x in v if isinstance(x, (int, float))), default=None)
+        v = head.values.get(f"{arch}.{key}")
+        if isinstance(v, (np.ndarray, list)):  # per-layer values (some architectures): the largest
+            v = max((x for x in np.asarray(v).reshape(-1).tolist() if isinstance(x, (int, float))), default=None)
         return int(v) if isinstance(v, (int, float)) else default
 
     n_head, n_embd = num("attention.head_count", 0), num("embedding_length", 0)
     head_dim = n_embd // n_head if n_head else 0
-    tokens = reader.get_field("tokenizer.ggml.tokens")
     return {"n_layer": num("block_count", 0), "n_embd": n_embd, "n_head": n_head,
             "n_head_kv": num("attention.head_count_kv", n_head), "key_length": num("attention.key_length", head_dim),
             "value_length": num("attention.value_length", head_dim), "context_length": num("context_length", 0),
-            "n_expert_used": num("expert_used_count", 0), "n_vocab": len(tokens.data) if tokens is not None else 0,
-            "chat_template": reader.get_field("tokenizer.chat_template") is not None}
+            "n_expert_used": num("expert_used_count", 0),
+            "n_vocab": head.array_lengths.get("tokenizer.ggml.tokens", 0),
+            "chat_template": "tokenizer.chat_template" in head.value_offsets}
 
 
 log = logging.getLogger(__name__)
@@ -147,7 +154,7 @@ def _signature(paths: list[Path], header_bytes: list[int]) -> list[tuple[str, in
     """Per file: name, size, header length and the xxh3 of the header's bytes."""
     out = []
     for p, n in zip(paths, header_bytes):
-        with open(p, "rb") as f:
+        with open_no_readahead(p, buffering=0) as f:  # the header only: no read-ahead into the experts
             size = os.fstat(f.fileno()).st_size
             out.append((p.name, size, n, xxhash.xxh3_64_intdigest(f.read(n))))
     return out
@@ -159,6 +166,9 @@ class BundleIndex:
     def __init__(self, root: Path, use_cache: bool = True) -> None:
         root = Path(root)
         if root.is_file() and root.name.endswith(".gguf"):
+            if not (BUNDLE_ENTRY_RE.match(root.name) and (root.parent / BASE_FILE).is_file()):
+                raise BundleError(f"{root} is a GGUF file, not a bundle: make one with "
+                                  f"`dymoe-gguf convert {root} -o {root.stem}.dymoe`")
             root = root.parent
         if root.exists() and not root.is_dir():
             raise BundleError(f"Bundle {root} is a file, not a bundle directory written by `dymoe-gguf convert`")
@@ -205,8 +215,8 @@ class BundleIndex:
     # ------------------------------------------------------------------ building
     def _build(self, root: Path) -> None:
         self.base_path = root / BASE_FILE
-        base = _open(self.base_path)
-        self._header_bytes = {BASE_FILE: int(base.data_offset)}
+        base = _read(self.base_path)
+        self._header_bytes = {BASE_FILE: int(base.data_start or 0)}
         version = _get(base, Key.FORMAT_VERSION, self.base_path)
         if version != FORMAT_VERSION:
             raise BundleError(f"Bundle format {version} is not supported: expected {FORMAT_VERSION}; "
@@ -235,11 +245,9 @@ class BundleIndex:
                        "id": _get(base, Key.SOURCE_ID, self.base_path),
                        "fingerprint": _get(base, Key.SOURCE_FINGERPRINT, self.base_path)}
         self.hparams = _hparams(base, self.arch)
-        algo = base.get_field(Key.CHECKSUM_ALGO)
-        self.checksum_algo = str(algo.contents()) if algo is not None else None
-        self.base_tensors = {t.name: BaseTensor(t.name, int(t.data_offset), int(t.n_bytes), QT(t.tensor_type),
-                                                tuple(int(x) for x in reversed(t.shape.tolist())))
-                             for t in base.tensors}
+        algo = base.values.get(Key.CHECKSUM_ALGO)
+        self.checksum_algo = str(algo) if algo is not None else None
+        self.base_tensors = {t.name: t for t in _tensors(base, self.base_path)}
         self._check_size(self.base_path, self.base_tensors.values())
         self.tier_paths = {tier: root / name for tier, name in zip(self.tiers, tier_files)}
         self._slices: dict[tuple[int, str, int, Tier], ExpertSlice] = {}
@@ -250,21 +258,21 @@ class BundleIndex:
                        for lay in self.moe_layers for m in MATRICES for t in self.tiers}
 
     def _index_sidecar(self, tier: Tier, path: Path) -> None:
-        r = _open(path)
-        self._header_bytes[path.name] = int(r.data_offset)
+        r = _read(path)
+        self._header_bytes[path.name] = int(r.data_start or 0)
         if _get(r, Key.BUNDLE_ID, path) != self.bundle_id:
             raise BundleError(f"{path.name} does not belong to this bundle (bundle id differs from "
                               f"{BASE_FILE}): it comes from another conversion; re-convert the bundle")
         if _get(r, Key.ROLE, path) != "tier" or parse_tier(str(_get(r, Key.TIER, path))) != tier:
             raise BundleError(f"{path.name} does not hold tier {tier.name}")
         ends = []
-        for t in r.tensors:
+        for t in _tensors(r, path):
             m = SIDECAR_NAME_RE.match(t.name)
-            if not m:
-                raise BundleError(f"{path.name}: unexpected tensor {t.name}")
+            if not m or len(t.shape) != 2:
+                raise BundleError(f"{path.name}: unexpected tensor {t.name} {list(t.shape)}")
             layer, matrix, expert = int(m.group(1)), m.group(2), int(m.group(3))
-            s = ExpertSlice(layer, matrix, expert, tier, path, int(t.data_offset), int(t.n_bytes),
-                            QT(t.tensor_type), (int(t.shape[1]), int(t.shape[0])))
+            s = ExpertSlice(layer, matrix, expert, tier, path, t.offset, t.nbytes, t.ggml_type,
+                            (t.shape[0], t.shape[1]))
             if s.offset % self.alignment:
                 raise BundleError(f"{path.name}: {t.name} is not {self.alignment}-byte aligned")
             self._slices[(layer, matrix, expert, tier)] = s
