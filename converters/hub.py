@@ -71,6 +71,7 @@ def pick_gguf(files: list[str], tag: str | None) -> list[str] | None:
 def _hub():  # noqa: ANN202 - the module, imported lazily (it is slow to import)
     try:
         import huggingface_hub
+        import huggingface_hub.constants  # noqa: F401 - a lazy attribute of the package otherwise
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise SourceError(f"huggingface-hub is needed for repo ids: {exc}") from None
     return huggingface_hub

@@ -187,3 +187,34 @@ def test_split_gguf_in_a_repo(hub, tmp_path, f32_gguf):
                                    "Q8_0"])
     assert res.exit_code == 0, res.output
     assert source_type(tmp_path / "b").endswith("(tiny-moe-Q8_0-00001-of-00003.gguf)")
+
+
+def test_chat_template_travels_from_jinja_file_through_a_gguf(tmp_path, hf_model):
+    """chat_template.jinja (transformers' own file) -> bundle -> a GGUF made from it -> a bundle of that GGUF."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_model("qwen3moe"), src)
+    template = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n"
+    (src / "chat_template.jinja").write_text(template)
+    convert(src, tmp_path / "a", base_tier=Tier.F32, tiers=(Tier.Q8_0,), threads=2)
+    g = quantize_gguf(tmp_path / "a" / "model.gguf", tmp_path / "m-Q8_0.gguf", "Q8_0")
+    convert(g, tmp_path / "b", base_tier=Tier.Q8_0, tiers=(Tier.Q4_K,), threads=2)
+    for b in ("a", "b"):
+        field = gguf.GGUFReader(tmp_path / b / "model.gguf").get_field("tokenizer.chat_template")
+        assert field is not None and field.contents() == template
+        assert BundleIndex(tmp_path / b).hparams["chat_template"] is True
+
+
+def test_repo_id_offline_in_a_fresh_process(tmp_path):
+    """As a user runs it: a new interpreter (no test has imported huggingface_hub.constants before)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"))
+    for spec in ("acme/none", "acme/none:Q4_K_M"):
+        res = subprocess.run([sys.executable, "-m", "dymoe_gguf", "convert", spec, "-o", str(tmp_path / "b")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "offline" in res.stderr
