@@ -3,7 +3,7 @@
 * ``--force`` replaces only an existing *bundle* (its files and nothing else, ``dymoe.role`` in its
   ``model.gguf``); the source, a directory holding the source, ``.``, ``/``, a mount point and any
   other non-empty directory are refused before any work.
-* A conversion holds ``.NAME.lock`` (``flock``, with its pid, host and start time inside) beside the
+* A conversion holds ``.NAME.dymoe-lock`` (``flock``, with its pid, host and start time inside) beside the
   output for its whole run: a second conversion into the same output stops at once, and leftovers of
   a killed one (``.NAME.partial-*``, ``.NAME.old-*``) are provably dead — their lock is free — and
   removed by the next conversion into that directory, which says so.
@@ -141,7 +141,10 @@ def check_space(out: Path, need_bytes: int) -> None:
     """Fail when the file system holding ``out`` has less than ``need_bytes`` free."""
     from dymoe_gguf.util import human_bytes
 
-    free = shutil.disk_usage(out.resolve().parent).free
+    usage = shutil.disk_usage(out.resolve().parent)
+    if usage.total == 0:  # /proc, /sys: no storage behind them
+        raise OutputError(f"Cannot write {out}: {out.resolve().parent} is not on a file system that stores files")
+    free = usage.free
     if free < need_bytes:
         raise OutputError(f"Not enough disk for {out}: the bundle needs {human_bytes(need_bytes)}, "
                           f"{human_bytes(free)} free on that filesystem")
@@ -149,21 +152,23 @@ def check_space(out: Path, need_bytes: int) -> None:
 
 # --------------------------------------------------------------------------- lock and stale leftovers
 
+_LOCK_SUFFIX = ".dymoe-lock"
+_OWNER_MARK = "dymoe-gguf convert"
+
+
 def _lock_path(parent: Path, name: str) -> Path:
-    return parent / f".{name}.lock"
+    return parent / f".{name}{_LOCK_SUFFIX}"
 
 
 def _owner_text() -> str:
     p = psutil.Process()
-    return f"pid {p.pid}\nhost {socket.gethostname()}\nstarted {p.create_time():.3f}\n"
+    return f"pid {p.pid}\nhost {socket.gethostname()}\nstarted {p.create_time():.3f}\n{_OWNER_MARK}\n"
 
 
 def _owner_alive(text: str) -> bool:
     """Whether the process a lock file names may still run (same host, same pid and start time)."""
     info = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
-    if "host" not in info:
-        return False  # killed before it wrote its name; its flock is free
-    if info["host"] != socket.gethostname():
+    if info.get("host") != socket.gethostname():
         return True  # another machine (shared storage): cannot tell
     try:
         proc = psutil.Process(int(info.get("pid", "0")))
@@ -196,7 +201,7 @@ def _try_lock(path: Path) -> int | None:
 
 
 class OutputLock:
-    """The per-output lock ``.NAME.lock``; a second conversion into NAME is refused while it is held."""
+    """The per-output lock ``.NAME.dymoe-lock``; a second conversion into NAME is refused while it is held."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -233,11 +238,11 @@ def clean_stale(parent: Path) -> list[str]:
     """
     done: list[str] = []
     try:
-        locks = sorted(parent.glob(".*.lock"))
+        locks = sorted(parent.glob(f".*{_LOCK_SUFFIX}"))
     except OSError:
         return done
     for lock in locks:
-        name = lock.name[1:-len(".lock")]
+        name = lock.name[1:-len(_LOCK_SUFFIX)]
         leftovers = sorted(parent.glob(f".{name}.partial-*")) + sorted(parent.glob(f".{name}.old-*"))
         try:
             fd = _try_lock(lock)
@@ -247,8 +252,8 @@ def clean_stale(parent: Path) -> list[str]:
             continue  # a live conversion holds it (or no locking here: cannot prove anything)
         try:
             text = lock.read_text()
-            if _owner_alive(text):
-                continue
+            if _OWNER_MARK not in text.splitlines() or _owner_alive(text):
+                continue  # not provably ours, or its process still runs
             pid = text.split("\n", 1)[0]
             for p in leftovers:
                 if ".old-" in p.name and not (parent / name).exists() and _bundle_problem(p) is None:

@@ -161,11 +161,9 @@ def convert(src: str | Path, out: Path, *, base_tier: Tier, tiers: tuple[Tier, .
     out = Path(out)
     overrides = parse_overrides(tensor_types)
     local = Path(src).expanduser()
-    if not dry_run:
-        check_output(out, force, [local] if local.exists() else [])
+    check_output(out, force, [local] if local.exists() else [])
     source = open_source(src, revision=revision)
-    if not dry_run:
-        check_output(out, force, [*source.files, *([source.root] if source.root else [])])
+    check_output(out, force, [*source.files, *([source.root] if source.root else [])])
     plan = make_plan(source, base_tier, tiers, overrides, reuse_source=not requantize)
     imat, imat_sha = load_imatrix(imatrix) if imatrix else ({}, "")
     check_imatrix(imat, imatrix or Path("--imatrix"), plan)
@@ -173,11 +171,11 @@ def convert(src: str | Path, out: Path, *, base_tier: Tier, tiers: tuple[Tier, .
     writers = [prepare(source.spec.gguf_arch, f, EXPERT_ALIGNMENT, _metadata(source, plan, f, bundle_id, imat_sha))
                for f in plan.files]
     plan = replace(plan, file_sizes=tuple(file_bytes(w) for w in writers))
+    check_space(out, plan.total_bytes)
     if dry_run:  # the plan (warnings included) is the output
         return ConvertResult(out, plan, time.perf_counter() - t_start, 0.0, psutil.Process().memory_info().rss, 0)
     for w in plan.warnings:
         log.warning(w)
-    check_space(out, plan.total_bytes)
     for line in clean_stale(out.resolve().parent):
         log.warning(line)
     lock = OutputLock(out)

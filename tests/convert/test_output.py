@@ -125,7 +125,7 @@ def test_a_second_conversion_into_the_same_output_is_refused(src, tmp_path):
         one_line_error(run_convert(src, out), f"another conversion into {out} is running (pid {os.getpid()})")
     finally:
         lock.release()
-    assert not (tmp_path / ".out.lock").exists()
+    assert not (tmp_path / ".out.dymoe-lock").exists()
     assert run_convert(src, out, "--tiers", "Q8_0").exit_code == 0
 
 
@@ -136,21 +136,24 @@ def _dead_pid() -> int:
 
 
 def test_leftovers_of_a_dead_conversion_are_removed_or_restored(src, tmp_path, bundle, caplog):
-    dead = f"pid {_dead_pid()}\nhost {os.uname().nodename}\nstarted 1.000\n"
+    dead = f"pid {_dead_pid()}\nhost {os.uname().nodename}\nstarted 1.000\ndymoe-gguf convert\n"
     # killed while writing: a partial directory and its lock
     (tmp_path / ".a.partial-0123abcd").mkdir()
     (tmp_path / ".a.partial-0123abcd" / "model.gguf").write_bytes(b"half")
-    (tmp_path / ".a.lock").write_text(dead)
+    (tmp_path / ".a.dymoe-lock").write_text(dead)
     # killed between the two renames of a --force replacement: the old bundle is moved back
     shutil.copytree(bundle("qwen3moe"), tmp_path / ".b.old-89abcdef")
     (tmp_path / ".b.partial-89abcdef").mkdir()
-    (tmp_path / ".b.lock").write_text(dead)
-    # no lock: nothing proves it is ours and dead, so it stays
+    (tmp_path / ".b.dymoe-lock").write_text(dead)
+    # no lock, or a lock that is not ours: nothing proves it is ours and dead, so it stays
     (tmp_path / ".c.partial-00000000").mkdir()
+    (tmp_path / ".d.partial-00000000").mkdir()
+    (tmp_path / ".d.dymoe-lock").write_text("someone else's lock\n")
     with caplog.at_level(logging.WARNING, logger="dymoe_gguf"):
         res = run_convert(src, tmp_path / "new", "--tiers", "Q8_0")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.partial-00000000", "b", "new", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.partial-00000000", ".d.dymoe-lock",
+                                                           ".d.partial-00000000", "b", "new", "src"]
     assert BundleIndex(tmp_path / "b").bundle_id == BundleIndex(bundle("qwen3moe")).bundle_id
     said = caplog.text
     assert ".a.partial-0123abcd, left by a killed conversion" in said and "restored" in said and ".c." not in said
