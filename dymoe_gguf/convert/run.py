@@ -27,7 +27,7 @@ from dymoe_gguf import __version__
 from dymoe_gguf._native import ggml
 from dymoe_gguf.bundle.format import BASE_FILE, EXPERT_ALIGNMENT, FORMAT_VERSION, Key, Tier
 from dymoe_gguf.convert.imatrix import check_imatrix, load_imatrix
-from dymoe_gguf.convert.output import OutputLock, atomic_dir, check_output, check_space, clean_stale, write_error
+from dymoe_gguf.convert.output import OutputLock, atomic_dir, check_output, check_space, clean_stale
 from dymoe_gguf.convert.plan import ConvertPlan, FilePlan, make_plan, parse_overrides
 from dymoe_gguf.convert.writer import GGUFStream, file_bytes, prepare
 from dymoe_gguf.converters import Source, SourceTensor, open_source
@@ -209,11 +209,7 @@ def _write(out: Path, force: bool, plan: ConvertPlan, writers: list[gguf.GGUFWri
             sizes = tuple((tmp / f.name).stat().st_size for f in plan.files)
             if sizes != plan.file_sizes:
                 raise AssertionError(f"planned file sizes {plan.file_sizes}, wrote {sizes}")
-        except OSError as exc:
-            for s in streams:
-                s.abort()
-            raise write_error(out, exc) from None
-        except BaseException:
+        except BaseException:  # atomic_dir removes the partial directory (and words an OSError as one line)
             for s in streams:
                 s.abort()
             raise

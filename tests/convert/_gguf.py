@@ -29,6 +29,9 @@ def quantize_gguf(src: Path, out: Path, mix: str, split_tensors: int = 0) -> Pat
     r = gguf.GGUFReader(src, "r")
     arch = str(r.get_field("general.architecture").contents())
     w = gguf.GGUFWriter(out, arch, split_max_tensors=split_tensors)
+    # Downloaded K-quants are usually made with an importance matrix; their bytes are then not what
+    # quantizing their own dequantized values gives again, so copying them is observable.
+    rng = np.random.default_rng(7)
     for name, f in r.fields.items():
         if name.startswith(("GGUF.", "dymoe.", "general.file_type", "general.alignment")) or name == \
                 "general.architecture":
@@ -41,7 +44,8 @@ def quantize_gguf(src: Path, out: Path, mix: str, split_tensors: int = 0) -> Pat
             w.add_tensor(t.name, x.reshape(shape))
             continue
         q = MIXES[mix](t.name)
-        raw = ggml.quantize(x.reshape(-1, shape[-1]), q).reshape(*shape[:-1], -1)
+        imp = rng.uniform(0.1, 10.0, shape[-1]).astype(np.float32)
+        raw = ggml.quantize(x.reshape(-1, shape[-1]), q, imp).reshape(*shape[:-1], -1)
         w.add_tensor(t.name, raw, raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
