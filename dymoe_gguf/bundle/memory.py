@@ -17,6 +17,10 @@ below the minimum use the same functions.
 * **comfortable RAM** = dense + KV(training context) + every expert at the base tier (the base file
   fully resident; nothing is ever re-read).
 
+* **auto budget** (``--budget auto``) = available RAM − dense − KV(n_ctx) − margin, the margin being
+  ``AUTO_MARGIN`` of available RAM plus ``AUTO_RESERVE`` (llama.cpp's compute buffers, Python, other
+  processes' page cache); never below the minimum working set of one ``n_batch`` batch.
+
 Not counted: llama.cpp's compute buffers (activations of one batch and the logits), the Python
 process itself, and the page cache's own bookkeeping.
 """
@@ -33,6 +37,8 @@ from dymoe_gguf.bundle.index import BundleIndex
 DEFAULT_N_BATCH = 512  # llama.cpp's (and llama-cpp-python's) default n_batch / n_ubatch
 KV_BYTES_PER_VALUE = 2  # F16 K and V caches, llama.cpp's default type_k / type_v
 KV_PAD = 256  # llama_context rounds n_ctx up to a multiple of this
+AUTO_MARGIN = 0.15  # share of available RAM --budget auto leaves to everything else
+AUTO_RESERVE = 256 << 20  # plus this: compute buffers, the Python process
 
 
 @dataclass(frozen=True)
@@ -93,3 +99,9 @@ def estimate(index: BundleIndex, n_ctx: int | None = None, n_batch: int = DEFAUL
     ctx = n_ctx if n_ctx is not None else int(index.hparams["context_length"]) or 4096
     return MemoryEstimate(dense_bytes(index), kv_cache_bytes(index, ctx), ctx, working_set_bytes(index, n_batch),
                           n_batch, base_expert_bytes(index))
+
+
+def auto_budget(index: BundleIndex, n_ctx: int, n_batch: int, available: int) -> int:
+    """The resident-expert budget ``--budget auto`` gives, with ``available`` bytes of RAM free now."""
+    spare = available - dense_bytes(index) - kv_cache_bytes(index, n_ctx) - int(available * AUTO_MARGIN) - AUTO_RESERVE
+    return max(spare, working_set_bytes(index, n_batch))

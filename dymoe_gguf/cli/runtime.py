@@ -22,7 +22,8 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--policy", default="dymoe", show_default=True,
                      help=" | ".join(POLICY_CHOICES) + " (see README)"),
         click.option("--budget", default=None, metavar="SIZE",
-                     help="Resident expert bytes: 2GiB, 512MiB, or a share of RAM such as 40%. Default: unlimited."),
+                     help="Resident expert bytes: 2GiB, 512MiB, a share of RAM such as 40%, or auto (free RAM minus "
+                          "dense weights, KV cache and a margin). Default: unlimited."),
         click.option("--lookahead", type=click.IntRange(0, 8), default=1, show_default=True,
                      help="Layers predicted ahead for prefetch (0 = off)."),
         click.option("--skip", "skip_threshold", type=click.FloatRange(0, 1, max_open=True), default=0.0,

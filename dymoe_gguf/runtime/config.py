@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import difflib
 import enum
-from dataclasses import dataclass, field, fields
+import logging
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import psutil
 
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import parse_tier
+from dymoe_gguf.bundle.memory import working_set_bytes
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
 from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS, NOT_RESIDENT
 from dymoe_gguf.runtime.decide.planner import BASE
@@ -54,6 +56,7 @@ class RuntimeConfig:
     policy: Policy = Policy.DYMOE
     tier: str | None = None  # the tier of policy uniform (uniform:Q2_K -> "Q2_K")
     budget: int | None = None  # resident expert bytes; None = unlimited
+    auto_budget: bool = False  # budget "auto": derived from available RAM when the model is loaded
     lookahead: int = 1  # layers predicted ahead (0 = off)
     # prefetch for a layer only while its measured look-ahead recall (moving average over recent
     # tokens) is at least this: a wrong guess costs a read and may evict a kept expert (0 = always)
@@ -81,7 +84,8 @@ class RuntimeConfig:
 
 
 def parse_budget(spec: str | int | None) -> int | None:
-    """'2GiB', '512MiB', '50%' (of total RAM), an int, or None/'none' -> bytes or None."""
+    """'2GiB', '512MiB', '50%' (of total RAM), an int, or None/'none' -> bytes or None ('auto' is
+    resolved when the model is loaded: :func:`dymoe_gguf.bundle.memory.auto_budget`)."""
     from dymoe_gguf.util import parse_size
 
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "unlimited")):
@@ -122,8 +126,9 @@ def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, *
     mode = str(kw.pop("mode", Mode.AUTO.value))
     if mode not in MODE_CHOICES:
         raise RuntimeConfigError(f"Expected mode {', '.join(MODE_CHOICES)}, got {mode!r}")
+    auto = isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto"
     cfg = RuntimeConfig(policy=Policy(kind), tier=tier.upper() or None, mode=Mode(mode),
-                        budget=parse_budget(memory_budget), **kw)
+                        budget=None if auto else parse_budget(memory_budget), auto_budget=auto, **kw)
     if cfg.lookahead < 0 or cfg.lookahead > 8:
         raise RuntimeConfigError(f"Expected --lookahead between 0 and 8, got {cfg.lookahead}")
     if not 0 <= cfg.lookahead_min_recall <= 1:
@@ -174,10 +179,24 @@ def manual_tiers(index: BundleIndex, tiers: dict[tuple[int, int], str]) -> np.nd
     return out
 
 
-def check_budget_floor(budget: int | None, floor: int, n_tokens: int) -> None:
-    """Refuse a budget below the minimum working set ``floor`` of an ``n_tokens`` batch."""
+def check_budget_floor(budget: int | None, index: BundleIndex, n_tokens: int) -> None:
+    """Refuse a budget below the minimum working set of an ``n_tokens`` batch (:mod:`..bundle.memory`)."""
+    floor = working_set_bytes(index, n_tokens)
     if budget is not None and budget < floor:
         raise RuntimeConfigError(
             f"Memory budget {human_bytes(budget)} is below the minimum working set, {human_bytes(floor)} "
             f"({floor} bytes): one MoE layer of a {n_tokens}-token batch can select that many expert bytes at "
             f"the lowest tier. Raise the budget or lower n_ubatch")
+
+
+def resolve_auto_budget(cfg: RuntimeConfig, index: BundleIndex, llama_kwargs: dict) -> RuntimeConfig:
+    """``cfg`` with budget "auto" turned into bytes for the Llama about to be built (its n_ctx, n_batch)."""
+    from dymoe_gguf.bundle.memory import auto_budget
+
+    if not cfg.auto_budget:
+        return cfg
+    n_ctx = int(llama_kwargs.get("n_ctx") or index.hparams.get("context_length") or 512)
+    n_batch = min(int(llama_kwargs.get("n_ubatch") or 512), int(llama_kwargs.get("n_batch") or 512), n_ctx)
+    budget = auto_budget(index, n_ctx, n_batch, psutil.virtual_memory().available)
+    logging.getLogger(__name__).info("budget auto: %s of resident experts", human_bytes(budget))
+    return replace(cfg, budget=budget, auto_budget=False)

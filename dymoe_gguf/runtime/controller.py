@@ -28,9 +28,11 @@ from dymoe_gguf.runtime.config import (
     Policy,
     RuntimeConfig,
     check_against,
+    check_budget_floor,
     make_config,
     manual_tiers,
     parse_budget,
+    resolve_auto_budget,
 )
 from dymoe_gguf.runtime.guard import CLOSED, ClosedError, Guard
 from dymoe_gguf.runtime.observe import Observer
@@ -94,16 +96,15 @@ class Controller:
         if self._closed or self._llm is not None:
             raise RuntimeConfigError("This controller is closed" if self._closed else
                                      "Controller.llama() was already called: one Llama per controller")
-        # llama.cpp's extra buffer types (CPU_REPACK, AMX) only when asked for: they copy experts out of
-        # the mapping, and AMX's crashes upstream on some Intel CPUs (llama.cpp issue 20824)
-        repack = kwargs.pop("repack", False)
+        # llama.cpp's extra buffer types (CPU_REPACK, AMX) only when asked for: they copy experts out of the
+        repack = kwargs.pop("repack", False)  # mapping; AMX's crashes on some Intel CPUs (llama.cpp #20824)
         if self.cfg.policy is Policy.OFF:
             self._llm = open_llama(self.index.base_path, repack=repack, guard=self.guard, **kwargs)
             return self._llm
         if repack:
             raise RuntimeConfigError("Repack copies experts into anonymous memory: only policy 'off' can use it")
-        handlers, peek = self.step.handlers(self.extra_handlers)
-        self.observer = self.step.observer = Observer(self.moe_layers, handlers, peek, guard=self.guard)
+        self.cfg = resolve_auto_budget(self.cfg, self.index, kwargs)
+        self.observer = self.step.make_observer(self.extra_handlers, self.guard)
         no_populate = self.patch is not None and self.cfg.budget is not None  # cold start
         self._loaded = loader.load(self.index, self.observer, no_populate=no_populate, llama_kwargs=kwargs)
         self._llm = self._loaded.llm
@@ -125,7 +126,7 @@ class Controller:
             self._mappings, self.views, self.pager = loader.apply_side(self.index, cfg, loaded, self.patch)
             step.views, step.pager = self.views, self.pager
             step.replan(apply_all=True)
-            step.check_budget(cfg.budget, self._llm.context_params.n_ubatch)
+            check_budget_floor(cfg.budget, self.index, self._llm.context_params.n_ubatch)
             self.pager.enforce_now()  # load-time populate may have left everything resident
             self.pager.stats.max_resident = 0
             self.pager.start()
@@ -149,7 +150,8 @@ class Controller:
         budget = parse_budget(memory_budget)
         if self.pager is None or budget is None:
             raise RuntimeConfigError("set_budget() needs a controller opened with a budget, after llama()")
-        self.step.set_budget(budget, self._llm.context_params.n_ubatch)
+        check_budget_floor(budget, self.index, self._llm.context_params.n_ubatch)
+        self.step.set_budget(budget)
         self.cfg = replace(self.cfg, budget=budget)
 
     # ------------------------------------------------------------------ results and teardown

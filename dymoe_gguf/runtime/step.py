@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from dymoe_gguf.runtime import decide
-from dymoe_gguf.runtime.config import Policy, RuntimeConfig, check_budget_floor
-from dymoe_gguf.runtime.observe import LayerRouting, read_f32, read_topk
+from dymoe_gguf.runtime.config import Policy, RuntimeConfig
+from dymoe_gguf.runtime.guard import Guard
+from dymoe_gguf.runtime.observe import LayerRouting, Observer, read_f32, read_topk
 from dymoe_gguf.runtime.stats import StatsCounter
 
 MIN_WEIGHT_SUM = 6.1e-5  # llama.cpp's clamp when it renormalises top-k weights (ffn_moe_weights_norm)
@@ -53,15 +54,17 @@ class Step:
         self._skip_weights: dict[int, np.ndarray] = {}
         self._since_replan = 0
 
-    def handlers(self, extra: dict) -> tuple[dict, tuple[str, ...]]:
-        """The eval-callback handlers by node kind (each costs a graph split per layer) and the kinds
+    def make_observer(self, extra: dict, guard: Guard) -> Observer:
+        """The eval callback: handlers by node kind (each costs a graph split per layer) and the kinds
         to peek (read at the safe point without a split of their own)."""
         handlers = {"ffn_moe_topk": self.on_topk, **extra}
         if self.skip is not None:
             handlers["ffn_moe_weights"] = self.on_weights
         if self.lookahead > 0 and not self.observing:
             handlers.setdefault("l_out", self.on_layer_out)
-        return handlers, ("ffn_moe_probs", "ffn_inp") if self.lookahead > 0 else ("ffn_moe_probs",)
+        peek = ("ffn_moe_probs", "ffn_inp") if self.lookahead > 0 else ("ffn_moe_probs",)
+        self.observer = Observer(self.moe_layers, handlers, peek, guard=guard)
+        return self.observer
 
     # ------------------------------------------------------------------ the safe point
     def on_topk(self, layer: int, ptr: int) -> None:
@@ -208,14 +211,8 @@ class Step:
             self._since_replan = 0
             self.replan()
 
-    def check_budget(self, budget: int | None, n_tokens: int) -> None:
-        """Refuse a budget below what one MoE layer of an ``n_tokens`` batch may need at once."""
-        floor = decide.working_set_floor(self.planner.sizes, self.importance.top_k, n_tokens)
-        check_budget_floor(budget, floor, n_tokens)
-
-    def set_budget(self, budget: int, n_tokens: int) -> None:
-        """A new budget (between decodes): re-plan for it and evict down to it now."""
-        self.check_budget(budget, n_tokens)
+    def set_budget(self, budget: int) -> None:
+        """A new budget (between decodes; checked by the caller): re-plan for it and evict down to it now."""
         self.planner.budget = self.pager.budget = budget
         self.replan(apply_all=True)
         self.pager.enforce_now()

@@ -177,3 +177,17 @@ def test_base_experts_stay_out_of_memory_after_a_prompt(shipped):
         finally:
             base.close()
     assert resident <= 0.05 * budget and dropped == 0, (resident, dropped, budget)
+
+
+def test_budget_auto_is_available_ram_minus_dense_kv_and_margin(shipped):
+    import psutil
+
+    from dymoe_gguf.bundle import memory
+
+    with Controller.open(shipped, memory_budget="auto") as ctl:
+        ctl.llama(n_ctx=1024, n_batch=256)
+        budget = ctl.stats().budget_bytes
+    idx = BundleIndex(shipped)
+    spare = psutil.virtual_memory().available - memory.dense_bytes(idx) - memory.kv_cache_bytes(idx, 1024)
+    assert memory.working_set_bytes(idx, 256) <= budget <= spare
+    assert budget >= 0.6 * spare  # the margin is stated, not most of the RAM

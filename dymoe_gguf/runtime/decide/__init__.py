@@ -35,7 +35,7 @@ from dymoe_gguf.runtime.decide.lookahead import (
     predict,
     recall,
 )
-from dymoe_gguf.runtime.decide.planner import BASE, Planner, working_set_floor
+from dymoe_gguf.runtime.decide.planner import BASE, Planner
 from dymoe_gguf.runtime.decide.skip import SkipConfig, SkipResult, skip_slots
 from dymoe_gguf.runtime.decide.trace import (
     RoutingTrace,
@@ -49,7 +49,6 @@ from dymoe_gguf.runtime.decide.trace import (
 __all__ = [
     "BASE",
     "Planner",
-    "working_set_floor",
     "Predictor",
     "PrefetchGate",
     "DEPTH_KINDS",

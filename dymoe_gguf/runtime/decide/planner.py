@@ -97,11 +97,3 @@ class Planner:
         row = self.view_tiers[moe_index]
         return BASE if row.min() == BASE else int(row.max())
 
-
-def working_set_floor(sizes: np.ndarray, k: int, n_tokens: int) -> int:
-    """The fewest expert bytes one MoE layer of an ``n_tokens`` batch may need resident at once:
-    its ``min(E, n_tokens · k)`` largest experts at the lowest tier, in the layer where that is most.
-    A budget below this cannot hold while such a batch runs. ``sizes`` [n_moe_layers, E, n_tiers]."""
-    lowest = np.sort(np.asarray(sizes, dtype=np.int64)[:, :, 0], axis=1)[:, ::-1]  # [Lm, E], largest first
-    n = min(lowest.shape[1], max(1, n_tokens * k))
-    return int(lowest[:, :n].sum(axis=1).max()) if lowest.size else 0
