@@ -229,19 +229,29 @@ def _pooled_ratio(gain: np.ndarray, cost: np.ndarray, n_allowed: np.ndarray) -> 
     of each item only. Free steps (no bytes) pay infinitely well.
     """
     n_items, n_tiers = gain.shape
-    cum_gain = np.concatenate([np.zeros((n_items, 1)), np.cumsum(gain, axis=1)], axis=1)
-    cum_cost = np.concatenate([np.zeros((n_items, 1)), np.cumsum(cost, axis=1)], axis=1)
-    avg = {}
-    for i in range(n_tiers):
-        for j in range(i, n_tiers):
-            d_cost = cum_cost[:, j + 1] - cum_cost[:, i]
-            d_gain = cum_gain[:, j + 1] - cum_gain[:, i]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(d_cost > 0, d_gain / np.where(d_cost > 0, d_cost, 1), np.inf)
-            avg[i, j] = np.where(j < n_allowed, ratio, -np.inf)  # never pool with a barred step
-    pooled = np.empty((n_items, n_tiers))
-    for t in range(n_tiers):
-        pooled[:, t] = np.min([np.max([avg[i, j] for j in range(t, n_tiers)], axis=0) for i in range(t + 1)], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plain = np.where(cost > 0, gain / np.where(cost > 0, cost, 1), np.inf)
+    allowed_step = np.arange(n_tiers)[None, :] < np.asarray(n_allowed)[:, None]
+    plain = np.where(allowed_step, plain, -np.inf)
+    with np.errstate(invalid="ignore"):  # -inf - -inf past the allowed steps: nan, not a rise
+        rises = (np.diff(plain, axis=1) > 0).any(axis=1)
+    if not rises.any():  # concave everywhere: nothing to pool (the common case; pooling is the costly part)
+        return plain
+    if not rises.all():
+        plain[rises] = _pooled_ratio(gain[rises], cost[rises], np.asarray(n_allowed)[rises])
+        return plain
+    zero = np.zeros((n_items, 1))
+    cum_gain = np.concatenate([zero, np.cumsum(gain, axis=1)], axis=1)  # (N, T + 1)
+    cum_cost = np.concatenate([zero, np.cumsum(cost, axis=1)], axis=1)
+    d_cost = cum_cost[:, None, 1:] - cum_cost[:, :-1, None]  # (N, i, j): steps i … j together
+    d_gain = cum_gain[:, None, 1:] - cum_gain[:, :-1, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        avg = np.where(d_cost > 0, d_gain / np.where(d_cost > 0, d_cost, 1), np.inf)
+    i, j = np.arange(n_tiers)[:, None], np.arange(n_tiers)[None, :]
+    # never pool with a barred step; i > j is no run of steps
+    avg = np.where((j >= i) & (j < np.asarray(n_allowed)[:, None, None]), avg, -np.inf)
+    tail_max = np.maximum.accumulate(avg[:, :, ::-1], axis=2)[:, :, ::-1]  # (N, i, t): max over j >= t
+    pooled = np.where(i <= j, tail_max, np.inf).min(axis=1)  # (N, t): min over i <= t
     return pooled
 
 
