@@ -13,6 +13,7 @@ import ctypes
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,19 @@ def _guarded_class() -> type:
         _dymoe_guard: Any = None
 
         def eval(self, tokens):  # noqa: ANN001, ANN201 - Llama's signature
-            with self._dymoe_guard.decoding():
+            guard = self._dymoe_guard
+            with guard.decoding():
                 n_tokens = self.n_tokens
                 try:
-                    super().eval(tokens)
-                    self._dymoe_guard.raise_pending()
+                    if guard.after_decode is None:
+                        super().eval(tokens)
+                    else:  # one decode per n_batch tokens (as Llama.eval does), each followed by the hook
+                        for i in range(0, len(tokens), self.n_batch):
+                            chunk = tokens[i:i + self.n_batch]
+                            t0 = time.perf_counter()
+                            super().eval(chunk)
+                            guard.after_decode(len(chunk), time.perf_counter() - t0)
+                    guard.raise_pending()
                 except BaseException:
                     self.n_tokens = n_tokens  # the failed batch is forgotten: its KV cells are rewritten
                     raise
@@ -114,12 +123,13 @@ def retire(llm: Any, error: Exception) -> None:
     llm.__class__ = ClosedLlama
 
 
-def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = None, no_populate: bool = False,
-               guard: Any = None, **kwargs: Any) -> Any:
+def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = None, cb_user_data: Any = None,
+               no_populate: bool = False, guard: Any = None, **kwargs: Any) -> Any:
     """A ``llama_cpp.Llama`` with repack switched off (default) and an optional eval callback.
 
-    ``cb_eval`` must be an object from :func:`make_eval_callback`, kept alive by the caller for the
-    lifetime of the returned Llama. ``no_populate`` sets ``DYMOE_NO_POPULATE=1`` while loading: the
+    ``cb_eval`` must be an object from :func:`make_eval_callback` (or the patch's C callback, with
+    ``cb_user_data`` a ctypes structure it reads), kept alive by the caller for the lifetime of the
+    returned Llama. ``no_populate`` sets ``DYMOE_NO_POPULATE=1`` while loading: the
     patched llama.cpp then maps the file without reading it all (stock builds ignore it). With a
     ``guard`` the Llama is a guarded subclass (see :func:`_guarded_class`). Other keyword arguments
     go to ``Llama`` unchanged.
@@ -135,7 +145,8 @@ def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = N
     model = {"use_extra_bufts": bool(repack)}
     context: dict[str, Any] = {}
     if cb_eval is not None:
-        context = {"cb_eval": cb_eval, "cb_eval_user_data": ctypes.c_void_p(None)}
+        user_data = ctypes.c_void_p(ctypes.addressof(cb_user_data) if cb_user_data is not None else None)
+        context = {"cb_eval": cb_eval, "cb_eval_user_data": user_data}
     with _defaults(model, context):
         old = os.environ.get("DYMOE_NO_POPULATE")
         if no_populate:

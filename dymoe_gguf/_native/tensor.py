@@ -114,3 +114,11 @@ def f32_weight(ptr: int) -> np.ndarray:
     ne0, ne1 = int(t.ne[0]), int(t.ne[1])
     buf = np.ctypeslib.as_array((ctypes.c_float * (ne0 * ne1)).from_address(int(t.data)))
     return np.array(buf, dtype=np.float32).reshape(ne1, ne0) if ne1 > 1 else np.array(buf, dtype=np.float32)
+
+
+def f32_address(ptr: int) -> int | None:
+    """The data address of a contiguous 2-D F32 tensor (rows of ``ne0`` floats), else None."""
+    t = tensor_at(ptr)
+    if t.type != 0 or int(t.nb[0]) != 4 or int(t.nb[1]) != 4 * int(t.ne[0]) or not t.data:
+        return None
+    return int(t.data)

@@ -34,6 +34,8 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Pin a layer to a tier (or 'none'), repeatable."),
         click.option("--mode", type=click.Choice(MODE_CHOICES), default="auto",
                      show_default=True, help="Per-expert views need the patched llama.cpp."),
+        click.option("--prefer", default="balanced", show_default=True, metavar="speed|balanced|quality|N",
+                     help="Under a budget, trade miss time against precision (a number: quality's weight)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -41,7 +43,7 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _policy_kwargs(policy: str, budget: str | None, lookahead: int, skip_threshold: float, depth: str,
-                   pins: tuple[str, ...], mode: str) -> dict[str, Any]:
+                   pins: tuple[str, ...], mode: str, prefer: str) -> dict[str, Any]:
     pin_map = {}
     for p in pins:
         layer, sep, tier = p.partition("=")
@@ -49,7 +51,7 @@ def _policy_kwargs(policy: str, budget: str | None, lookahead: int, skip_thresho
             raise click.BadParameter(f"expected LAYER=TIER, got {p!r}", param_hint="--pin")
         pin_map[int(layer)] = tier.strip()
     return {"policy": policy, "memory_budget": budget, "lookahead": lookahead, "skip_threshold": skip_threshold,
-            "depth": depth, "pins": pin_map, "mode": mode}
+            "depth": depth, "pins": pin_map, "mode": mode, "prefer": prefer}
 
 
 def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import parse_tier
 from dymoe_gguf.bundle.memory import working_set_bytes
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
+from dymoe_gguf.runtime.decide.cost import parse_prefer
 from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS, NOT_RESIDENT
 from dymoe_gguf.runtime.decide.planner import BASE
 from dymoe_gguf.util import human_bytes
@@ -68,9 +69,13 @@ class RuntimeConfig:
     pins: dict[int, str] = field(default_factory=dict)  # layer -> tier name ("none" = not resident)
     half_life: float = 32.0  # importance EMA half-life in tokens
     promote_margin: float = 0.25  # hysteresis: a challenger needs (1+margin)x the incumbent's score
+    # the allocator's exchange rate of quality against miss time: speed | balanced | quality | a number
+    # (decide/cost.py); the default comes from the Pareto front in docs/BENCH.md
+    prefer: str = "balanced"
     reallocate_every: int = 16  # tokens between allocator runs
     mode: Mode = Mode.AUTO
-    measure_hits: bool = True  # mincore check of selected experts (per-layer hit rates)
+    measure_hits: bool = True  # mincore check of selected experts (per-layer hit rates; Python path)
+    hot_path: str = "auto"  # auto: the C safe point where the build has it (patches/0003); python: never
 
     @property
     def uniform_tier(self) -> str | None:
@@ -139,6 +144,9 @@ def make_config(policy: str = "dymoe", memory_budget: str | int | None = None, *
         raise RuntimeConfigError(f"Expected depth schedule {', '.join(DEPTH_KINDS)}, got {cfg.depth!r}")
     if cfg.reallocate_every < 1:
         raise RuntimeConfigError("Expected reallocate_every >= 1")
+    parse_prefer(cfg.prefer)
+    if cfg.hot_path not in ("auto", "python"):
+        raise RuntimeConfigError(f"Expected hot_path auto or python, got {cfg.hot_path!r}")
     return cfg
 
 

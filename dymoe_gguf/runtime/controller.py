@@ -22,7 +22,7 @@ from dymoe_gguf._native import vm
 from dymoe_gguf._native.llama import open_llama, retire
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.errors import RuntimeConfigError
-from dymoe_gguf.runtime import loader
+from dymoe_gguf.runtime import loader, native
 from dymoe_gguf.runtime.config import (
     Mode,
     Policy,
@@ -55,16 +55,15 @@ class Controller:
         self.views: Views | None = None
         self.pager: Pager | None = None
         self.observer: Observer | None = None
+        self.native: native.NativePath | None = None
         self.counter = StatsCounter(len(self.moe_layers), cfg.lookahead)
         self.step = Step(self.moe_layers, cfg, self.counter, renormalised=index.arch in _RENORMALISED)
         self._mappings: dict[int, vm.Mapping] = {}
         self._loaded: loader.Loaded | None = None  # holds the callback object llama.cpp calls
-        self._llm: Any = None
-        self._closed = False
+        self._llm, self._closed = None, False
         self.guard = Guard()
         self._final: ControllerStats | None = None  # the stats at close, returned by stats() afterwards
-        # set before llama(): extra eval-callback handlers by node kind (e.g. "ffn_norm": fn(layer, ptr)),
-        # and functions fn(layer, ids [n_tokens, k]) called with each layer's routing
+        # before llama(): eval-callback handlers by node kind ("ffn_norm": fn(layer, ptr)), routing hooks
         self.extra_handlers: dict = {}
         self.routing_hooks: list = self.step.routing_hooks
 
@@ -88,9 +87,10 @@ class Controller:
 
     @trace.setter
     def trace(self, value: list | None) -> None:
+        if value is not None:
+            native.stop(self, self._loaded)  # traces are recorded by the Python safe point
         self.step.trace = value
 
-    # ------------------------------------------------------------------ building
     def llama(self, **kwargs: Any) -> Any:
         """The ``llama_cpp.Llama`` for this bundle (mmap on, repack off, eval callback set)."""
         if self._closed or self._llm is not None:
@@ -130,10 +130,10 @@ class Controller:
             self.pager.enforce_now()  # load-time populate may have left everything resident
             self.pager.stats.max_resident = 0
             self.pager.start()
+            self.native, self.guard.after_decode = native.start(self, loaded), step.after_decode
         self.counter.start()
         self.observer.go_live()
 
-    # ------------------------------------------------------------------ manual tiers
     def set_tiers(self, tiers: np.ndarray | dict[tuple[int, int], str]) -> None:
         """Policy ``manual``: the tier each (MoE layer, expert) reads, applied now (call between decodes).
 
@@ -154,12 +154,11 @@ class Controller:
         self.step.set_budget(budget)
         self.cfg = replace(self.cfg, budget=budget)
 
-    # ------------------------------------------------------------------ results and teardown
     def stats(self) -> ControllerStats:
         """A snapshot of what the controller measured (after close: the last one, taken at close)."""
+        if self._closed and self._final is None:
+            raise ClosedError("This controller was closed before it loaded a model: it has no stats")
         if self._closed:
-            if self._final is None:
-                raise ClosedError("This controller was closed before it loaded a model: it has no stats")
             return self._final
         return self.counter.snapshot(self)
 
@@ -172,6 +171,7 @@ class Controller:
         if self._llm is not None:
             self._final = self.stats()
         self._closed = True
+        native.stop(self, self._loaded)
         try:
             if self.views is not None and self.views.bound:
                 self.views.restore()

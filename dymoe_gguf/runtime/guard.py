@@ -38,6 +38,8 @@ class Guard:
         self._lock = threading.Lock()
         self.closed = False
         self.pending: BaseException | None = None  # raised in the eval callback, not yet re-raised
+        # after each llama_decode, with its tokens and seconds
+        self.after_decode: Callable[[int, float], None] | None = None
 
     @contextlib.contextmanager
     def decoding(self) -> Iterator[None]:

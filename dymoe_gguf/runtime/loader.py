@@ -21,10 +21,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from dymoe_gguf._native import vm
+from dymoe_gguf._native import hot, vm
 from dymoe_gguf._native.llama import make_eval_callback, open_llama
 from dymoe_gguf.bundle import BundleIndex
-from dymoe_gguf.bundle.format import is_expert_tensor, parse_tier
+from dymoe_gguf.bundle.format import is_expert_tensor, parse_tier, tier_bits
 from dymoe_gguf.errors import DymoeError, RuntimeConfigError
 from dymoe_gguf.runtime import decide
 from dymoe_gguf.runtime.config import Mode, Policy, RuntimeConfig, resolve_pins
@@ -44,6 +44,8 @@ class Loaded:
     discovered: Discovered
     k: int  # experts selected per token
     cold_start: bool  # whether the no-populate cold start ran (dense weights already read)
+    forward: Any = None  # patched builds: what the C eval callback forwards to (fn None: nothing)
+    hot_lib: Any = None  # patched builds with the C hot path: libggml-cpu
 
 
 def read_header(index: BundleIndex) -> None:
@@ -92,9 +94,13 @@ def load(index: BundleIndex, observer: Observer, *, no_populate: bool, llama_kwa
     """Load the base model with ``observer`` as eval callback and run the warm-up decode (which,
     after a cold start, reads only expert 0 of each layer: already read in bulk)."""
     callback = make_eval_callback(observer)
+    cb_eval, forward, lib = callback, None, hot_library()
+    if lib is not None:  # the patch's C callback, forwarding to Python until the C hot path takes over
+        cb_eval, forward = hot.forwarding_callback(lib, callback)
     if no_populate:
         read_header(index)
-    llm = open_llama(index.base_path, cb_eval=callback, no_populate=no_populate, guard=observer.guard, **llama_kwargs)
+    llm = open_llama(index.base_path, cb_eval=cb_eval, cb_user_data=forward, no_populate=no_populate,
+                     guard=observer.guard, **llama_kwargs)
     try:
         cold = no_populate and prepare_cold_start(index)
         observer.warmup_expert = 0 if cold else None
@@ -111,7 +117,15 @@ def load(index: BundleIndex, observer: Observer, *, no_populate: bool, llama_kwa
     except BaseException:
         llm.close()
         raise
-    return Loaded(llm, callback, observer.discovered, observer.k, cold)
+    return Loaded(llm, (callback, cb_eval), observer.discovered, observer.k, cold, forward, lib)
+
+
+def hot_library() -> Any:
+    """libggml-cpu when this build has the patch's C hot path (patches/0003), else None."""
+    from dymoe_gguf._native import patch
+
+    views = patch.load()
+    return views.lib if views is not None and views.version >= hot.HOT_VERSION else None
 
 
 def load_patch(mode: Mode):
@@ -154,9 +168,10 @@ def planner(index: BundleIndex, cfg: RuntimeConfig, importance: decide.Importanc
     """The planner for ``cfg``'s policy over the MoE layers' expert sizes."""
     uniform = index.tiers.index(parse_tier(cfg.uniform_tier)) if cfg.uniform_tier else None
     schedule = decide.DepthSchedule(cfg.depth, r_max=cfg.r_max, r_min=cfg.r_min, pins=resolve_pins(cfg, index))
+    cost = decide.CostModel(tuple(tier_bits(t) for t in index.tiers), prefer=decide.parse_prefer(cfg.prefer))
     return decide.Planner(index.expert_bytes()[list(index.moe_layers)], importance, schedule, budget=cfg.budget,
                           per_layer=per_layer, uniform_tier=uniform, manual=cfg.policy is Policy.MANUAL,
-                          alloc=decide.AllocationConfig(promote_margin=cfg.promote_margin))
+                          alloc=decide.AllocationConfig(promote_margin=cfg.promote_margin), cost=cost)
 
 
 def apply_side(index: BundleIndex, cfg: RuntimeConfig, loaded: Loaded, patch: Any) -> tuple[dict, Views, Pager]:

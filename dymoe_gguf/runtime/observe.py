@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dymoe_gguf._native.tensor import f32_array, f32_matrix, f32_weight, i32_matrix, name_of, tensor_at
+from dymoe_gguf._native.tensor import f32_address, f32_array, f32_matrix, f32_weight, i32_matrix, name_of, tensor_at
 from dymoe_gguf.runtime.guard import Guard
 
 GGML_OP_MUL = 7  # enum ggml_op in ggml.h (NONE, DUP, ADD, ADD_ID, ADD1, ACC, SUB, MUL, ...)
@@ -40,6 +40,7 @@ class Discovered:
     experts: dict[tuple[int, str], int] = field(default_factory=dict)
     routers: dict[int, int] = field(default_factory=dict)  # layer -> ffn_gate_inp tensor
     ffn_norms: dict[int, int] = field(default_factory=dict)  # layer -> ffn_norm weight tensor
+    first_matrix: dict[int, str] = field(default_factory=dict)  # layer -> the expert matmul computed first
 
 
 # handler(layer, ptr) for the computed node
@@ -143,6 +144,7 @@ class Observer:
                 self.discovered.ffn_norms[layer] = int(t.src[1])
         else:
             self.discovered.experts[(layer, what)] = int(t.src[0])
+            self.discovered.first_matrix.setdefault(layer, what)  # asks come in graph order
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,6 +171,11 @@ def read_f32(ptr: int) -> np.ndarray:
 def read_f32_array(ptr: int) -> np.ndarray:
     """Live view of an F32 node in numpy order ``(ne3, ne2, ne1, ne0)`` without leading 1s."""
     return f32_array(ptr)
+
+
+def weight_address(ptr: int) -> int | None:
+    """Where an F32 weight's rows live in llama.cpp's memory (no copy), or None if not contiguous F32."""
+    return f32_address(ptr)
 
 
 def weight_matrix(ptr: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Apply (2/2): the pager — the only code that makes OS paging calls on expert bytes.
+"""Apply (2/3): the pager — the only code that makes OS paging calls on expert bytes.
 
 It keeps a *model* of which expert ranges are resident (bytes per (layer, expert, tier)), updated
 when an expert is used or prefetched and when a range is evicted, and corrected from ``mincore``
@@ -12,7 +12,11 @@ by its background thread. With it:
   warms the planned resident set when idle;
 * eviction order: copies the plan does not keep (least recently used first), then kept experts of
   lowest importance; ranges in use this step are never evicted. ``MADV_PAGEOUT``/``MADV_DONTNEED``
-  + ``FADV_DONTNEED`` drop them.
+  + ``FADV_DONTNEED`` drop them;
+* ``ready`` flags, per (layer, expert), say whether the copy its view reads is resident: the C hot
+  path reads them to know which selected experts need ``use()`` (the miss path).
+
+The thread (prefetch, warm, ``mincore`` corrections) is :mod:`.prefetch`.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dymoe_gguf._native import vm
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import MATRICES, is_expert_tensor
+from dymoe_gguf.runtime.prefetch import PagerThread
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ class PagerStats:
     prefetch_requests: int = 0
     prefetched_ranges: int = 0
     demand_reads: int = 0  # experts read in bulk at the safe point because no prefetch had brought them
+    demand_seconds: float = 0.0  # time those reads took
+    demand_bytes: int = 0  # and the bytes they read
     evictions: int = 0
     evicted_bytes: int = 0
     syncs: int = 0
@@ -49,7 +57,7 @@ class PagerStats:
     seconds: float = 0.0  # time spent in the pager thread
 
 
-class Pager:
+class Pager(PagerThread):
     """Residency model, prefetch, warm and evict for the sidecar mappings under a byte budget."""
 
     TARGET = 0.88  # evict down to this share of the budget when it would be exceeded (room for reads in flight)
@@ -96,7 +104,15 @@ class Pager:
         self.keep = np.full((L, E), -1, dtype=np.int16)  # planned tier per expert (-1: not kept)
         self.scores = np.zeros((L, E), dtype=np.float64)
         self._queue: deque[tuple[int, int, int]] = deque()
+        # 1 where the copy an expert's view reads is resident and not being read (the C hot path's flags)
+        self.view_tier = np.zeros((L, E), dtype=np.int64)
+        self.ready = np.zeros((L, E), dtype=np.uint8)
+        # the thread sleeps on an Event, or with the C hot path on a pipe C can write to
         self._wake = threading.Event()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.external: Any = None  # () -> [(layer, expert, tier)]: prefetch requests queued elsewhere
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._dirty = True  # plan changed: warm again
@@ -104,18 +120,22 @@ class Pager:
         self._thread = threading.Thread(target=self._run, name="dymoe-pager", daemon=True)
 
     # ------------------------------------------------------------------ control
-    def start(self) -> None:
-        self.sync()  # the model starts from what is really resident
-        self._thread.start()
+    def set_views(self, moe_layers: tuple[int, ...], view_tiers: np.ndarray) -> None:
+        """The tier each expert's view reads, ``[n_moe_layers, n_expert]`` (ready flags follow it)."""
+        with self._lock:
+            self.view_tier[list(moe_layers)] = np.maximum(view_tiers, 0)
+            self._ready_all()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        if self.base_fd >= 0:
-            os.close(self.base_fd)
-            self.base_fd = -1
+    def _ready_all(self) -> None:
+        L, E = self.ready.shape
+        li, ei = np.arange(L)[:, None], np.arange(E)[None, :]
+        self._ready(li, ei)
+
+    def _ready(self, layer: Any, experts: Any) -> None:
+        """Recompute the ready flags of ``(layer, experts)`` from the model (caller holds the lock)."""
+        vt = self.view_tier[layer, experts]
+        ok = (self.model[layer, experts, vt] >= self.full[layer, experts, vt]) & ~self.inflight[layer, experts, vt]
+        self.ready[layer, experts] = ok
 
     def set_plan(self, moe_layers: tuple[int, ...], kept: np.ndarray, scores: np.ndarray) -> None:
         """The planned tier per expert of each MoE layer (-1 = not resident), ``kept`` [n_moe_layers,
@@ -131,7 +151,7 @@ class Pager:
             self.scores = scores.astype(np.float64, copy=True)
             self._dirty |= changed
         if changed:
-            self._wake.set()
+            self.wake()
 
     def new_step(self) -> None:
         """A token (or batch) begins: later uses count as more recent."""
@@ -156,17 +176,31 @@ class Pager:
             self.inflight[layer, experts[missing], tiers[missing]] = True
             if self.budget is not None and self.total > self.budget:
                 self._evict_to(int(self.budget * self.TARGET))
+        t0 = time.perf_counter()
         try:
             for e, t in zip(experts[missing].tolist(), tiers[missing].tolist()):
                 m = self.mappings[t]
                 for i in range(3):
                     m.prefetch(int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i]))
                 self.stats.demand_reads += 1
+                self.stats.demand_bytes += int(self.full[layer, e, t])
+            self.stats.demand_seconds += time.perf_counter() - t0
         finally:
             with self._lock:
                 self.inflight[layer, experts[missing], tiers[missing]] = False
                 self._epoch += 1  # a sync that measured during the read must not keep its reading
                 self.changed[layer, experts[missing], tiers[missing]] = self._epoch
+                self._ready(layer, experts)
+
+    def bandwidth(self, default: float) -> float:
+        """Bytes per second the safe point's reads achieved (``default`` until 4 MiB were read)."""
+        s = self.stats
+        return s.demand_bytes / s.demand_seconds if s.demand_bytes >= 4 << 20 and s.demand_seconds > 0 else default
+
+    def touch(self, layers: np.ndarray, experts: np.ndarray, tiers: np.ndarray) -> None:
+        """Copies read this step (the C hot path's log; ``experts < 0`` ignored): the most recently used."""
+        ok = experts >= 0
+        self.last[layers[ok], experts[ok], tiers[ok]] = self.step
 
     def request(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> None:
         """Queue experts of a coming layer for prefetch at ``tiers`` (cheap; callback thread).
@@ -180,7 +214,7 @@ class Pager:
         for e, t in zip(experts[missing].tolist(), tiers[missing].tolist()):
             self._queue.append((layer, e, t))
         self.stats.prefetch_requests += int(missing.sum())
-        self._wake.set()
+        self.wake()
 
     # ------------------------------------------------------------------ measurement
     def count_resident(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> int:
@@ -224,6 +258,7 @@ class Pager:
             touched = (self.changed > epoch0) | self.inflight  # changed while measuring: keep the model's value
             self.model = np.where(touched, np.maximum(self.model, per), per)
             self.total = int(self.model.sum())
+            self._ready_all()
         total = int(per.sum()) + base
         self.stats.syncs += 1
         self.stats.last_resident = total
@@ -286,78 +321,6 @@ class Pager:
             self._epoch += 1
             self.changed[layer, e, t] = self._epoch
             self.stats.evictions += 1
+            if self.view_tier[layer, e] == t:
+                self.ready[layer, e] = 0
         self.total = total
-
-    # ------------------------------------------------------------------ the thread
-    def _run(self) -> None:
-        last_sync = 0.0
-        every = self.SYNC_EVERY if self.budget is not None else 4 * self.SYNC_EVERY
-        while not self._stop.is_set():
-            self._wake.wait(timeout=every)
-            self._wake.clear()
-            t0 = time.perf_counter()
-            try:
-                self._drain()
-                if t0 - last_sync >= every:
-                    self.sync()
-                    last_sync = t0
-                    if self.budget is not None:
-                        with self._lock:
-                            if self.total > self.budget:
-                                self._evict_to(int(self.budget * self.TARGET))
-                if not self._queue:
-                    self._warm()
-            except Exception:  # keep paging alive
-                log.exception("pager error")
-            self.stats.seconds += time.perf_counter() - t0
-
-    def _fetch(self, layer: int, e: int, t: int) -> None:
-        with self._lock:
-            if self.budget is not None and self.total + self.full[layer, e, t] > self.budget:
-                self._evict_to(int(self.budget * self.TARGET) - int(self.full[layer, e, t]))
-            self.total += int(self.full[layer, e, t] - self.model[layer, e, t])
-            self.model[layer, e, t] = self.full[layer, e, t]
-            # recent, but not protected like ranges read this step: a wrong guess may be evicted
-            self.last[layer, e, t] = max(self.last[layer, e, t], self.step - 1)
-            self._epoch += 1
-            self.changed[layer, e, t] = self._epoch
-            self.inflight[layer, e, t] = True
-        try:
-            m = self.mappings[t]
-            for i in range(3):
-                m.prefetch(int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i]))
-        finally:
-            with self._lock:
-                self.inflight[layer, e, t] = False
-                self._epoch += 1
-                self.changed[layer, e, t] = self._epoch
-        self.stats.prefetched_ranges += 3
-
-    def _drain(self) -> None:
-        seen = set()
-        while self._queue and not self._stop.is_set():
-            key = self._queue.popleft()
-            if key not in seen:
-                seen.add(key)
-                self._fetch(*key)
-
-    def _warm(self) -> None:
-        """Bring the planned resident set in, most important first, while it fits the budget."""
-        with self._lock:
-            if not self._dirty:
-                return
-            keep, scores = self.keep.copy(), self.scores.copy()
-            self._dirty = False
-        li, ei = np.nonzero(keep >= 0)
-        ti = keep[li, ei].astype(np.int64)
-        need = self.full[li, ei, ti] - self.model[li, ei, ti]
-        todo = np.flatnonzero(need > 0)
-        todo = todo[np.argsort(-scores[li[todo], ei[todo]], kind="stable")]
-        if self.budget is not None:  # only what fits, most important first
-            room = int(self.budget * self.TARGET) - self.total
-            todo = todo[np.cumsum(need[todo]) <= room]
-        for j in todo.tolist():
-            if self._stop.is_set() or self._queue:
-                self._dirty = True  # resume after the prefetches
-                return
-            self._fetch(int(li[j]), int(ei[j]), int(ti[j]))

@@ -20,6 +20,8 @@ class ControllerStats:
     steps: int  # decode calls
     lookahead_recall: float | None  # share of next-layer selected experts that were predicted
     lookahead_recall_by_layer: list[float | None]
+    lookahead_precision: float | None  # share of predicted experts that were then selected
+    prefetch_on: bool | None  # the prefetch trial's state: on while it measurably speeds decoding up
     tier_changes: int  # changes of planned tier (per expert) since open
     view_changes: int  # tensor view swaps applied
     resident_expert_bytes: int  # measured with mincore now
@@ -30,8 +32,10 @@ class ControllerStats:
     hit_rate_by_layer: list[float | None]
     skipped_slots: int
     lowered_batches: int  # layer batches read at the lowest tier because their planned tiers exceeded the budget
-    callback_calls: int
-    callback_seconds: float
+    hot_path: str  # where the per-layer safe point runs: "native" (C, patches/0003), "python" (eval callback)
+    callback_calls: int  # eval-callback calls (python), or C hook calls (native)
+    callback_seconds: float  # time the safe point cost: the callback (python), or hooks + per-decode drain (native)
+    miss_seconds: float  # of which (native: besides which) reading missing experts at the safe point
     callback_error: str | None  # the first exception raised inside the eval callback, if any
     # tier each expert of each MoE layer reads (index into tier_names; -2 = the base file's copy)
     tiers_by_layer: list[list[int]] = field(default_factory=list)
@@ -71,6 +75,11 @@ class StatsCounter:
         with np.errstate(invalid="ignore", divide="ignore"):
             hit_layer = [float(h / u) if u else None for h, u in zip(self.hits, self.uses)]
         resident = pager.resident_bytes() if pager is not None else 0
+        calls, seconds = (observer.calls, observer.seconds) if observer is not None else (0, 0.0)
+        miss = pager.stats.demand_seconds if pager is not None else 0.0
+        if ctl.native is not None:
+            ctl.native.drain()  # the tokens since the last drain count too
+            calls, (seconds, miss) = ctl.native.hot.times()[0], ctl.native.seconds()
         ps = asdict(pager.stats) if pager is not None else {}
         planner = step.planner if step is not None else None
         gate = step.gate if step is not None else None
@@ -78,6 +87,8 @@ class StatsCounter:
             mode=mode, policy=ctl.cfg.policy_name, tokens=self.tokens, steps=self.steps,
             lookahead_recall=None if np.isnan(recall) else recall,
             lookahead_recall_by_layer=by_layer,
+            lookahead_precision=None if np.isnan(self.lookahead.precision) else float(self.lookahead.precision),
+            prefetch_on=bool(step.trial.on) if step is not None and ctl.pager is not None else None,
             tier_changes=planner.tier_changes if planner is not None else 0,
             view_changes=views.changes if views is not None else 0,
             resident_expert_bytes=int(resident), max_resident_expert_bytes=int(ps.get("max_resident", resident)),
@@ -85,8 +96,8 @@ class StatsCounter:
             hit_rate=float(self.hits.sum() / self.uses.sum()) if self.uses.sum() else None,
             hit_rate_by_layer=hit_layer, skipped_slots=self.skipped,
             lowered_batches=self.lowered_batches,
-            callback_calls=observer.calls if observer is not None else 0,
-            callback_seconds=round(observer.seconds, 6) if observer is not None else 0.0,
+            hot_path="native" if ctl.native is not None else "python",
+            callback_calls=calls, callback_seconds=round(seconds, 6), miss_seconds=round(miss, 6),
             callback_error=repr(observer.error) if observer is not None and observer.error else None,
             tiers_by_layer=planner.view_tiers.tolist() if planner is not None else [],
             tier_names=[t.name for t in index.tiers], pager=ps,

@@ -11,6 +11,7 @@ is done for all layers at once (:meth:`Step.end_of_token`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,8 @@ class Step:
         self.measure_hits = cfg.measure_hits
         self.observing = cfg.policy is Policy.OBSERVE
         self.gate = decide.PrefetchGate(len(moe_layers), cfg.lookahead_min_recall)
+        self.trial = decide.PrefetchTrial()  # prefetch only while it measurably pays
+        self.native_path: Any = None  # runtime.native.NativePath while the C hook runs the safe point
         # wired by the controller once the model is loaded
         self.observer: Any = None
         self.importance: decide.ImportanceTracker | None = None
@@ -47,6 +50,7 @@ class Step:
         self.views: Any = None  # None while observing
         self.pager: Any = None
         self.predictor: decide.Predictor | None = None
+        self.native = False  # the C hot path runs the safe point (runtime.native): re-plans apply all views
         self.trace: list[LayerRouting] | None = None  # when a list: every layer's routing (calibrate, tests)
         self.routing_hooks: list = []  # fn(layer, ids [n_tokens, k]) after each layer's routing is read
         self._token: list[LayerRouting] = []  # this token's routing, per MoE layer
@@ -117,11 +121,7 @@ class Step:
         tiers = row[experts]
         if self.views.mode == "per-layer":
             tiers = np.full(len(experts), self.planner.layer_tier(mi), dtype=row.dtype)
-        budget = self.pager.budget if self.pager is not None else None
-        if budget is not None and tiers.min() >= 0 and tiers.max() > 0:
-            if self.pager.full[layer, experts, tiers].sum() > budget * self.pager.TARGET:
-                tiers = np.zeros_like(tiers)
-                self.counter.lowered_batches += 1
+        tiers = self.fit_budget(layer, experts, tiers)
         if self.views.mode == "per-layer":
             self.views.set_layer(layer, int(tiers[0]))
         else:
@@ -129,6 +129,18 @@ class Step:
             row[experts] = tiers
             self.views.set_experts(layer, row, only=experts)
         return tiers
+
+    def fit_budget(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> np.ndarray:
+        """The tiers to read ``experts`` of ``layer`` at in this batch: the planned ones, or the lowest
+        when the batch selects more of them than the budget holds at those (a long prompt selects
+        nearly all)."""
+        budget = self.pager.budget if self.pager is not None else None
+        if budget is None or tiers.min() < 0 or tiers.max() == 0:
+            return tiers
+        if self.pager.full[layer, experts, tiers].sum() <= budget * self.pager.TARGET:
+            return tiers
+        self.counter.lowered_batches += 1
+        return np.zeros_like(tiers)
 
     def _skip(self, layer: int, view: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Drop low-weight slots (rewriting the graph's ids now, its weights at ffn_moe_weights)."""
@@ -149,8 +161,15 @@ class Step:
             read_f32(ptr)[:] = w  # [n_tokens, k] view of ffn_moe_weights-N ([1, k, n_tokens])
 
     # ------------------------------------------------------------------ look-ahead
+    def after_decode(self, n_tokens: int, seconds: float) -> None:
+        """A llama_decode of ``n_tokens`` took ``seconds``: time the prefetch trial, fold the C log in."""
+        if n_tokens == 1 and self.lookahead > 0 and self.pager is not None:
+            self.trial.record(seconds)
+        if self.native_path is not None:
+            self.native_path.after_decode(n_tokens)
+
     def _prefetch(self, target: int, predicted: np.ndarray) -> None:
-        if not self.gate.on[target]:  # predictions too poor to pay for their reads
+        if not (self.trial.on and self.gate.on[target]):  # predictions too poor, or prefetch not paying
             return
         experts = np.unique(predicted)
         tiers = self.planner.view_tiers[target][experts]
@@ -204,12 +223,16 @@ class Step:
                 if dist == 1 and r.ids.size:
                     self.gate.update(r.moe_index, hits / r.ids.size)
         self._predicted.clear()
+        self.count_tokens(n_tokens)
+
+    def count_tokens(self, n_tokens: int) -> None:
+        """A decode step of ``n_tokens`` ended: count it and re-plan when it is time."""
         self.counter.tokens += n_tokens
         self.counter.steps += 1
         self._since_replan += n_tokens
         if self.replan_every is not None and self._since_replan >= self.replan_every:
             self._since_replan = 0
-            self.replan()
+            self.replan(apply_all=self.native)
 
     def set_budget(self, budget: int) -> None:
         """A new budget (between decodes; checked by the caller): re-plan for it and evict down to it now."""
@@ -222,9 +245,13 @@ class Step:
         between tokens, and in the last layer's callback, when the other layers' experts have been
         computed for this token); per-expert views as each expert is selected, or all at once with
         ``apply_all`` (between decodes only)."""
+        if self.pager is not None and self.planner.cost is not None:  # price misses at the measured speed
+            cost = self.planner.cost
+            self.planner.cost = replace(cost, bandwidth=self.pager.bandwidth(cost.bandwidth))
         self.planner.replan()
         if self.pager is not None:
             self.pager.set_plan(self.moe_layers, self.planner.kept, self.importance.scores)
+            self.pager.set_views(self.moe_layers, self.planner.view_tiers)
         if self.views is None:
             return
         for mi, layer in enumerate(self.moe_layers):

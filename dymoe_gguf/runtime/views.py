@@ -1,4 +1,4 @@
-"""Apply (1/2): which quant copy each expert tensor reads — the only code that mutates ggml tensors.
+"""Apply (1/3): which quant copy each expert tensor reads — the only code that mutates ggml tensors.
 
 Per-layer views work on stock llama.cpp: a layer's 3-D expert tensor (``blk.N.ffn_*_exps.weight``)
 gets the type, strides and data pointer of one tier's strided region in a sidecar mapping. The

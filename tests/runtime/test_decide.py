@@ -726,3 +726,103 @@ def test_lookahead_on_a_slowly_drifting_residual():
     unrelated.update(1, 1, predict(hidden, router, k), predict(rng.normal(size=hidden.shape), router, k))
     assert stats.recall > 0.8
     assert unrelated.recall < 2 * k / n_expert
+
+
+# ---------------------------------------------------------------------------------------------
+# cost.py: the allocator priced in miss time and quality
+
+
+def _skewed(n_layer=4, n_expert=16, k=2, seed=0):
+    rng = np.random.default_rng(seed)
+    freq = rng.dirichlet(np.full(n_expert, 0.3), size=n_layer) * k  # rows sum to k
+    mass = freq / k * rng.uniform(0.5, 1.5, size=freq.shape)
+    sizes = np.broadcast_to(np.array([84, 144, 272]) * 1024, (n_layer, n_expert, 3)).copy()
+    return freq, mass, sizes
+
+
+def _miss_time(tiers, freq, sizes, cm):
+    per_miss = 3 * cm.latency + sizes[..., 0] / cm.bandwidth
+    return float((freq * per_miss * (tiers < 0)).sum())
+
+
+def _quality_loss(tiers, mass, cm):
+    err = cm.errors()
+    return float((mass * err[np.maximum(tiers, 0)]).sum())
+
+
+def test_cost_model_prefers_coverage_for_speed_and_precision_for_quality():
+    from dymoe_gguf.runtime.decide import CostModel, parse_prefer
+
+    freq, mass, sizes = _skewed()
+    budget = int(sizes[..., 0].sum() * 0.9)  # not even every expert at the lowest tier
+    plans = {}
+    for prefer in ("speed", "balanced", "quality"):
+        cm = CostModel((2.625, 4.5, 8.5), prefer=parse_prefer(prefer))
+        a = allocate(freq, sizes, budget, DepthSchedule("constant", r_max=1.0), gain=cm.gains(freq, mass, sizes))
+        assert a.bytes <= budget
+        plans[prefer] = (_miss_time(a.tiers, freq, sizes, cm), _quality_loss(a.tiers, mass, cm), a)
+    # a Pareto trade: more speed costs quality, and the other way round
+    assert plans["speed"][0] <= plans["balanced"][0] <= plans["quality"][0]
+    assert plans["speed"][1] >= plans["balanced"][1] >= plans["quality"][1]
+    assert plans["speed"][0] < plans["quality"][0] and plans["quality"][1] < plans["speed"][1]
+    # speed: residency goes to the most likely experts first
+    tiers, order = plans["speed"][2].tiers, np.argsort(-freq, axis=None)
+    resident = (tiers.reshape(-1) >= 0)[order]
+    assert resident[: resident.sum() // 2].all()
+
+
+def test_per_expert_plans_are_no_worse_than_per_layer_plans_at_equal_bytes():
+    """Per-expert views can express every per-layer plan: for the same prices the per-expert plan's
+    cost (miss time + λ·quality loss) is at most the per-layer plan's, and with quality weighted at
+    nearly nothing it misses no more."""
+    from dymoe_gguf.runtime.decide import CostModel
+
+    freq, mass, sizes = _skewed(seed=3)
+    for prefer in (1e-6, 0.25, 1.0, 4.0):
+        cm = CostModel((2.625, 4.5, 8.5), prefer=prefer)
+        gain = cm.gains(freq, mass, sizes)
+        lam = gain[..., 1:].sum() / (mass[..., None] * -np.diff(cm.errors())).sum()
+        for share in (0.3, 0.5, 0.7, 1.2, 2.0):
+            budget = int(sizes[..., 0].sum() * share)
+            flat = DepthSchedule("constant", r_max=1.0)
+            expert = allocate(freq, sizes, budget, flat, gain=gain)
+            layer = allocate_per_layer(freq, sizes, budget, flat, gain=gain)
+            assert expert.bytes <= budget and layer.bytes <= budget
+
+            cost_e, cost_l = (_miss_time(a.tiers, freq, sizes, cm) + lam * _quality_loss(a.tiers, mass, cm)
+                              for a in (expert, layer))
+            assert cost_e <= cost_l * 1.02 + 1e-12, (prefer, share)
+            if prefer < 1e-3:
+                assert _miss_time(expert.tiers, freq, sizes, cm) <= _miss_time(layer.tiers, freq, sizes, cm) + 1e-12
+
+
+def test_the_exchange_rate_does_not_depend_on_units():
+    from dymoe_gguf.runtime.decide import CostModel
+
+    freq, mass, sizes = _skewed(seed=5)
+    budget = int(sizes[..., 1].sum() * 0.5)
+    plans = [allocate(freq, sizes, budget, DepthSchedule(), gain=CostModel((2.625, 4.5, 8.5), bandwidth=bw).gains(
+        freq, mass, sizes)).tiers for bw in (90e6, 3e9)]
+    assert np.array_equal(plans[0], plans[1])  # equal-size experts: the measured speed moves nothing
+    with pytest.raises(RuntimeConfigError, match="prefer"):
+        from dymoe_gguf.runtime.decide import parse_prefer
+
+        parse_prefer("fastest")
+
+
+def test_prefetch_trial_keeps_prefetch_only_while_it_is_faster():
+    from dymoe_gguf.runtime.decide import PrefetchTrial
+
+    for on_time, off_time, verdict in ((1.0, 2.0, True), (2.0, 1.0, False)):
+        trial = PrefetchTrial(window=4, rounds=2, every=20)
+        states = []
+        for _ in range(16):  # two windows each way, alternating
+            states.append(trial.on)
+            trial.record(on_time if trial.on else off_time)
+        assert states == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
+        assert trial.decided is verdict and trial.on is verdict
+        for _ in range(19):
+            trial.record(1.0)
+            assert trial.on is verdict  # the verdict holds until the next trial
+        trial.record(1.0)
+        assert trial.decided is verdict and trial._trying  # a new trial begins

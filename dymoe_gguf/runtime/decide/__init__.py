@@ -4,6 +4,8 @@
 - :mod:`.importance`  EMA importance per (layer, expert)
 - :mod:`.depth`       share of high-precision experts per layer, pins
 - :mod:`.allocate`    tiers under a byte budget, with hysteresis; per-expert or per-layer
+- :mod:`.cost`        the allocator's prices: miss time against quality, one knob (prefer)
+- :mod:`.greedy`      the allocator's solver
 - :mod:`.skip`        DyMoE "4/0" skipping of low-weight slots
 - :mod:`.lookahead`   router-on-hidden prediction of the next layers' experts, its recall, the prefetch gate
 - :mod:`.planner`     the policy's plan: view tier and kept tier per expert
@@ -21,6 +23,7 @@ from dymoe_gguf.runtime.decide.allocate import (
     assignment_bytes,
     captured_value,
 )
+from dymoe_gguf.runtime.decide.cost import PREFER, CostModel, parse_prefer
 from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS, DepthKind, DepthSchedule
 from dymoe_gguf.runtime.decide.importance import (
     ImportanceConfig,
@@ -31,6 +34,7 @@ from dymoe_gguf.runtime.decide.lookahead import (
     LookaheadStats,
     Predictor,
     PrefetchGate,
+    PrefetchTrial,
     count_hits,
     predict,
     recall,
@@ -47,10 +51,14 @@ from dymoe_gguf.runtime.decide.trace import (
 )
 
 __all__ = [
+    "PREFER",
+    "CostModel",
+    "parse_prefer",
     "BASE",
     "Planner",
     "Predictor",
     "PrefetchGate",
+    "PrefetchTrial",
     "DEPTH_KINDS",
     "NOT_RESIDENT",
     "AllocationConfig",

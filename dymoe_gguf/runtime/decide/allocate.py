@@ -48,6 +48,7 @@ import numpy as np
 
 from dymoe_gguf.errors import RuntimeConfigError
 from dymoe_gguf.runtime.decide.depth import DepthSchedule
+from dymoe_gguf.runtime.decide.greedy import boost, greedy, pooled_ratio
 
 NOT_RESIDENT = -1
 
@@ -195,6 +196,13 @@ def _check_inputs(scores: np.ndarray, sizes: np.ndarray, budget: int) -> tuple[n
     return scores, sizes
 
 
+def _check_gain(gain: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    gain = np.asarray(gain, dtype=np.float64)
+    if gain.shape != shape or not np.all(np.isfinite(gain)) or np.any(gain < 0):
+        raise ValueError(f"Expected finite, non-negative step gains of shape {shape}, got {gain.shape}.")
+    return gain
+
+
 def _check_current(current: Assignment | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """The tiers held now (int64), for hysteresis; None without a current assignment."""
     if current is None:
@@ -219,80 +227,6 @@ def _pinned_tiers(schedule: DepthSchedule, sizes: np.ndarray, budget: int) -> tu
     return tiers, pinned_bytes
 
 
-def _pooled_ratio(gain: np.ndarray, cost: np.ndarray, n_allowed: np.ndarray) -> np.ndarray:
-    """Gain per byte of each step, pooled so that it never rises along an item's steps, (N, T).
-
-    Where a step pays better than the one before it (non-concave tier values), the two only
-    make sense together: their pooled ratio is Σ gain / Σ cost (the slope of the concave
-    majorant of the item's bytes → value curve). Computed by the min–max formula of antitonic
-    regression, ``r(t) = min_{i ≤ t} max_{j ≥ t} avg(i … j)``, over the first ``n_allowed`` steps
-    of each item only. Free steps (no bytes) pay infinitely well.
-    """
-    n_items, n_tiers = gain.shape
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plain = np.where(cost > 0, gain / np.where(cost > 0, cost, 1), np.inf)
-    allowed_step = np.arange(n_tiers)[None, :] < np.asarray(n_allowed)[:, None]
-    plain = np.where(allowed_step, plain, -np.inf)
-    with np.errstate(invalid="ignore"):  # -inf - -inf past the allowed steps: nan, not a rise
-        rises = (np.diff(plain, axis=1) > 0).any(axis=1)
-    if not rises.any():  # concave everywhere: nothing to pool (the common case; pooling is the costly part)
-        return plain
-    if not rises.all():
-        plain[rises] = _pooled_ratio(gain[rises], cost[rises], np.asarray(n_allowed)[rises])
-        return plain
-    zero = np.zeros((n_items, 1))
-    cum_gain = np.concatenate([zero, np.cumsum(gain, axis=1)], axis=1)  # (N, T + 1)
-    cum_cost = np.concatenate([zero, np.cumsum(cost, axis=1)], axis=1)
-    d_cost = cum_cost[:, None, 1:] - cum_cost[:, :-1, None]  # (N, i, j): steps i … j together
-    d_gain = cum_gain[:, None, 1:] - cum_gain[:, :-1, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        avg = np.where(d_cost > 0, d_gain / np.where(d_cost > 0, d_cost, 1), np.inf)
-    i, j = np.arange(n_tiers)[:, None], np.arange(n_tiers)[None, :]
-    # never pool with a barred step; i > j is no run of steps
-    avg = np.where((j >= i) & (j < np.asarray(n_allowed)[:, None, None]), avg, -np.inf)
-    tail_max = np.maximum.accumulate(avg[:, :, ::-1], axis=2)[:, :, ::-1]  # (N, i, t): max over j >= t
-    pooled = np.where(i <= j, tail_max, np.inf).min(axis=1)  # (N, t): min over i <= t
-    return pooled
-
-
-def _greedy(gain: np.ndarray, cost: np.ndarray, allowed: np.ndarray, budget: int) -> np.ndarray:
-    """Greedy steps by gain per byte under ``budget``; returns the tier per item, int64 [N].
-
-    ``gain``, ``cost`` (N, T): step ``t`` of an item takes it from tier ``t − 1`` to ``t``.
-    ``allowed`` (N, T) bool, made prefix-closed here.
-    """
-    n_items, n_tiers = gain.shape
-    allowed = np.logical_and.accumulate(allowed, axis=1)
-    ratio = _pooled_ratio(gain, cost, allowed.sum(axis=1))  # non-increasing along steps
-    items, steps = np.nonzero(allowed)  # row-major: items ascending, then steps
-    order = np.lexsort((items, steps, -ratio[items, steps]))  # last key is the primary one
-    items, steps = items[order], steps[order]
-    step_cost = cost[items, steps]
-    cumulative = np.cumsum(step_cost)
-    n_prefix = int(np.searchsorted(cumulative, budget, side="right"))
-    tiers = np.bincount(items[:n_prefix], minlength=n_items).astype(np.int64) - 1
-    remaining = budget - (int(cumulative[n_prefix - 1]) if n_prefix else 0)
-    # First fit over the rest, in order. Only steps whose predecessor is held can be taken, and
-    # the budget only shrinks, so one pass in order suffices.
-    rest = np.arange(n_prefix, items.size)
-    while rest.size:
-        fits = (step_cost[rest] <= remaining) & (tiers[items[rest]] == steps[rest] - 1)
-        first = int(np.argmax(fits))
-        if not fits[first]:
-            break
-        taken = rest[first]
-        tiers[items[taken]] = steps[taken]
-        remaining -= int(step_cost[taken])
-        rest = rest[first + 1 :]
-    return tiers
-
-
-def _boost(gain: np.ndarray, held: np.ndarray, margin: float) -> np.ndarray:
-    """Multiply the gain of the steps each item holds (``t <= held``) by ``1 + margin``."""
-    held_steps = np.arange(gain.shape[-1]) <= held[..., None]
-    return np.where(held_steps, gain * (1.0 + margin), gain)
-
-
 def allocate(
     scores: np.ndarray,
     sizes: np.ndarray,
@@ -301,6 +235,7 @@ def allocate(
     *,
     current: Assignment | None = None,
     cfg: AllocationConfig | None = None,
+    gain: np.ndarray | None = None,
 ) -> Assignment:
     """Tier per expert maximising Σ score · v[tier] greedily within ``budget`` resident bytes.
 
@@ -315,10 +250,12 @@ def allocate(
     schedule.check_pins(n_layer, n_tiers)
 
     cost = np.diff(sizes, axis=2, prepend=0)  # (L, E, T) bytes of each step
-    gain = scores[..., None] * np.diff(cfg.values(n_tiers), prepend=0.0)  # (L, E, T)
+    if gain is None:  # the value model of the module docstring; .cost prices steps in time instead
+        gain = scores[..., None] * np.diff(cfg.values(n_tiers), prepend=0.0)  # (L, E, T)
+    gain = _check_gain(gain, sizes.shape)
     held = _check_current(current, scores.shape)
     if held is not None:
-        gain = _boost(gain, held, cfg.promote_margin)
+        gain = boost(gain, held, cfg.promote_margin)
 
     pinned = schedule.pin_array(n_layer) >= -1  # (L,)
     allowed = np.ones(sizes.shape, dtype=bool)
@@ -326,7 +263,7 @@ def allocate(
     if n_tiers > 1:
         # Depth cap: per layer, only the best ⌊r(l)·E⌋ experts by first-upgrade gain per byte
         # may leave the lowest tier. Stable sort: ties go to the lower expert index.
-        first_upgrade = _pooled_ratio(
+        first_upgrade = pooled_ratio(
             gain.reshape(-1, n_tiers), cost.reshape(-1, n_tiers), np.full(gain[..., 0].size, n_tiers)
         )[:, 1].reshape(n_layer, n_expert)
         rank = np.empty((n_layer, n_expert), dtype=np.int64)
@@ -340,7 +277,7 @@ def allocate(
         allowed[..., 1:] &= ~capped[..., None]
 
     tiers, pinned_bytes = _pinned_tiers(schedule, sizes, budget)
-    free = _greedy(
+    free = greedy(
         gain.reshape(-1, n_tiers),
         cost.reshape(-1, n_tiers),
         allowed.reshape(-1, n_tiers),
@@ -358,6 +295,7 @@ def allocate_per_layer(
     *,
     current: Assignment | None = None,
     cfg: AllocationConfig | None = None,
+    gain: np.ndarray | None = None,
 ) -> Assignment:
     """One tier per layer (all its experts alike) within ``budget``, for stock llama.cpp.
 
@@ -378,10 +316,12 @@ def allocate_per_layer(
     # precision steps are weighted by r(l) / r_max, 1 for the first layer.
     depth_weight = np.ones((n_layer, n_tiers))
     depth_weight[:, 1:] = (shares / schedule.r_max if schedule.r_max > 0 else 0.0)[:, None]
-    gain = scores.sum(axis=1)[:, None] * np.diff(cfg.values(n_tiers), prepend=0.0) * depth_weight  # (L, T)
+    if gain is None:
+        gain = scores[..., None] * np.diff(cfg.values(n_tiers), prepend=0.0)
+    gain = _check_gain(gain, sizes.shape).sum(axis=1) * depth_weight  # (L, T)
     held = _check_current(current, scores.shape)
     if held is not None:
-        gain = _boost(gain, held.min(axis=1), cfg.promote_margin)
+        gain = boost(gain, held.min(axis=1), cfg.promote_margin)
 
     pins = schedule.pin_array(n_layer)
     pinned = pins >= -1
@@ -389,7 +329,7 @@ def allocate_per_layer(
     allowed[pinned] = False
     allowed[shares <= 0, 1:] = False
     _, pinned_bytes = _pinned_tiers(schedule, sizes, budget)
-    layer_tier = _greedy(gain, cost, allowed, budget - pinned_bytes)
+    layer_tier = greedy(gain, cost, allowed, budget - pinned_bytes)
     layer_tier = np.where(pinned, pins, layer_tier)
     tiers = np.repeat(layer_tier[:, None], n_expert, axis=1)
     return Assignment.from_tiers(tiers, sizes)

@@ -225,3 +225,43 @@ class PrefetchGate:
             self.on[layer] = False
         elif not self.on[layer] and self.recent[layer] >= min(1.0, self.floor + self.band):
             self.on[layer] = True
+
+
+class PrefetchTrial:
+    """Look-ahead that never loses: prefetch stays on only while it measurably makes decoding faster.
+
+    Decoded tokens are timed in windows of ``window`` tokens, alternating prefetch on and off, for
+    ``rounds`` windows each; the median token time of each side decides (on only if faster). The trial
+    runs again every ``every`` tokens, since routing, the budget and the storage change. Prompt batches
+    are not timed. While a trial runs, half of its windows are slower than they could be: that
+    exploration is the price, bounded by ``rounds · window`` tokens in every ``every``.
+    """
+
+    def __init__(self, *, window: int = 16, rounds: int = 3, every: int = 1024) -> None:
+        self.window, self.rounds, self.every = window, rounds, every
+        self.times: dict[bool, list[float]] = {True: [], False: []}
+        self.on = True  # what decoding uses now
+        self.decided: bool | None = None  # the last trial's verdict
+        self._n = 0  # tokens in the current window (trial) or since the verdict
+        self._windows = 0
+        self._trying = True
+
+    def record(self, seconds: float) -> None:
+        """One decoded token took ``seconds`` with prefetch :attr:`on`."""
+        self._n += 1
+        if not self._trying:
+            if self._n >= self.every:
+                self._trying, self._n, self._windows = True, 0, 0
+                self.times = {True: [], False: []}
+            return
+        self.times[self.on].append(seconds)
+        if self._n < self.window:
+            return
+        self._n = 0
+        self._windows += 1
+        if self._windows >= 2 * self.rounds:
+            on, off = float(np.median(self.times[True])), float(np.median(self.times[False]))
+            self.decided = self.on = on < off
+            self._trying = False
+        else:
+            self.on = not self.on

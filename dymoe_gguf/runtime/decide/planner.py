@@ -23,6 +23,7 @@ from dymoe_gguf.runtime.decide.allocate import (
     allocate,
     allocate_per_layer,
 )
+from dymoe_gguf.runtime.decide.cost import CostModel
 from dymoe_gguf.runtime.decide.depth import DepthSchedule
 from dymoe_gguf.runtime.decide.importance import ImportanceTracker
 
@@ -34,7 +35,7 @@ class Planner:
 
     def __init__(self, sizes: np.ndarray, importance: ImportanceTracker, schedule: DepthSchedule, *,
                  budget: int | None, per_layer: bool, uniform_tier: int | None = None, manual: bool = False,
-                 alloc: AllocationConfig | None = None) -> None:
+                 alloc: AllocationConfig | None = None, cost: CostModel | None = None) -> None:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.importance = importance
         self.schedule = schedule
@@ -45,6 +46,7 @@ class Planner:
             np.full(self.sizes.shape[:2], BASE, dtype=np.int16) if manual else None
         )
         self.alloc = alloc if alloc is not None else AllocationConfig()
+        self.cost = cost  # prices steps in time and quality (.cost); None: the value model of .allocate
         self.assignment: Assignment | None = None
         self.view_tiers = np.full(self.sizes.shape[:2], BASE, dtype=np.int16)  # [Lm, E]
         self.tier_changes = 0  # planned tier changes (per expert) since the first plan
@@ -69,8 +71,10 @@ class Planner:
             new = Assignment.uniform(self.uniform_tier, self.sizes)
         else:
             alloc = allocate_per_layer if self.per_layer else allocate
-            new = alloc(self.importance.scores, self.sizes, self.effective_budget, self.schedule,
-                        current=self.assignment, cfg=self.alloc)
+            imp = self.importance
+            gain = None if self.cost is None else self.cost.gains(imp.freq, imp.mass, self.sizes)
+            new = alloc(imp.scores, self.sizes, self.effective_budget, self.schedule,
+                        current=self.assignment, cfg=self.alloc, gain=gain)
         if self.assignment is not None:
             self.tier_changes += new.n_changes(self.assignment)
         self.assignment = new
