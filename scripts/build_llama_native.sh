@@ -72,8 +72,10 @@ done
 
 # ---- the variant: compilers and cmake arguments ---------------------------------------------
 HOST_ARCH="$(uname -m)"
+GENERATOR="Unix Makefiles"
+if command -v ninja >/dev/null 2>&1; then GENERATOR=Ninja; fi
 CMAKE_ARGS=(
-    -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
+    -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
     -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
 )
@@ -108,7 +110,6 @@ esac
 command -v "$CC" >/dev/null 2>&1 || { echo "error: C compiler not found: $CC (aarch64: apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)" >&2; exit 2; }
 command -v "$CXX" >/dev/null 2>&1 || { echo "error: C++ compiler not found: $CXX" >&2; exit 2; }
 command -v cmake >/dev/null 2>&1 || { echo "error: cmake not found" >&2; exit 2; }
-command -v ninja >/dev/null 2>&1 || { echo "error: ninja not found" >&2; exit 2; }
 CMAKE_ARGS+=("-DCMAKE_C_COMPILER=$CC" "-DCMAKE_CXX_COMPILER=$CXX")
 
 # ---- the cache key --------------------------------------------------------------------------
@@ -135,7 +136,7 @@ target_built() {  # a library target: lib<T>.so; an executable: <T>
     [ -e "$BIN/lib$1.so" ] || [ -x "$BIN/$1" ]
 }
 all_cached() {
-    [ -f "$DIR/build/build.ninja" ] || return 1
+    [ -f "$DIR/build/.configured" ] || return 1
     local t d
     for t in ${TARGETS[@]+"${TARGETS[@]}"}; do target_built "$t" || return 1; done
     for d in ${DRIVERS[@]+"${DRIVERS[@]}"}; do
@@ -168,11 +169,12 @@ if [ ! -f "$DIR/src/.complete" ]; then
     printf '%s\n' "$KEY_TEXT" > "$DIR/key.txt"
 fi
 LLAMA_SRC="$DIR/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
-if [ ! -f "$DIR/build/build.ninja" ]; then
+if [ ! -f "$DIR/build/.configured" ]; then
     log "configuring $KEY"
     rm -rf "$DIR/build"
     cmake -S "$LLAMA_SRC" -B "$DIR/build" "${CMAKE_ARGS[@]}" > "$DIR/configure.log" 2>&1 || {
         tail -n 30 "$DIR/configure.log" >&2; echo "error: cmake configure failed (log: $DIR/configure.log)" >&2; exit 1; }
+    touch "$DIR/build/.configured"
 fi
 
 # ---- targets ----------------------------------------------------------------------------------
