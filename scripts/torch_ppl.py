@@ -42,7 +42,7 @@ def main() -> None:
     n = len(toks) // args.ctx
     if args.chunks:
         n = min(n, args.chunks)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
     first, nll, count = args.ctx // 2, 0.0, 0
     with torch.no_grad():
