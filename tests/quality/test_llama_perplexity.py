@@ -10,6 +10,7 @@ with an F32 base (the KL reference).
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import subprocess
@@ -17,8 +18,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from dymoe_gguf.bundle import Tier
+from dymoe_gguf.cli import cli
 from dymoe_gguf.quality.eval import evaluate
 from tests.native.builds import cached_build
 
@@ -83,10 +86,13 @@ def test_ppl_matches_llama_perplexity(tool, bundles, name):
     out = _run(tool, bundles[name] / "model.gguf", until="Final estimate")
     m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
     assert m, out[-3000:]
-    res = evaluate(bundles[name], HELDOUT, ctx=CTX, max_chunks=CHUNKS)
-    assert res.tokens == CHUNKS * (CTX - CTX // 2 - 1) and res.chunks == CHUNKS
-    assert _close(res.ppl, float(m.group(1)), 0.001), (res.ppl, m.group(1))
-    assert _close(res.ppl_unc, float(m.group(2)), 0.01), (res.ppl_unc, m.group(2))
+    r = CliRunner().invoke(cli, ["eval", str(bundles[name]), "--text", str(HELDOUT), "--ctx", str(CTX),
+                                 "--chunks", str(CHUNKS), "--json"])  # the README's command
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["tokens"] == CHUNKS * (CTX - CTX // 2 - 1) and res["chunks"] == CHUNKS
+    assert _close(res["ppl"], float(m.group(1)), 0.001), (res["ppl"], m.group(1))
+    assert _close(res["ppl_unc"], float(m.group(2)), 0.01), (res["ppl_unc"], m.group(2))
 
 
 @pytest.mark.parametrize("name", ["q4k", "q8"])
