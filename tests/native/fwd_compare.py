@@ -1,10 +1,19 @@
 """Compare the logits files written by tests/native/c/forward.c (two builds, the same model and text).
 
     python tests/native/fwd_compare.py A.bin B.bin [--json]
+    python tests/native/fwd_compare.py --verdict DIR --builds "x86-native x86-avx2 aarch64-a76" \
+        --threads "1 2" [--page16k LABEL]          (scripts/test_aarch64.sh)
 
 Prints (or returns, from :func:`compare`) the largest absolute logit difference, that difference
 relative to the largest |logit|, the largest per-position KL divergence between the two softmax
 distributions, and the share of positions whose most likely token agrees. Token ids must be equal.
+
+``--verdict`` reads DIR/<build>.t<threads>.<mode>.bin (modes: plain, mixed = per-expert views mixing
+Q2_K/Q4_K/Q8_0, q4k = every expert viewed at the base tier) and checks: within each build, every
+thread count gives the same bits and q4k gives plain's bits; across builds, each aarch64 build is
+within TOLERANCE_FACTOR x the difference measured between the two x86 builds (x86-native, x86-avx2:
+two SIMD code paths over the same source, i.e. the size of a legitimate float-rounding difference);
+with --page16k, that run reports 16 KiB pages and gives the bits of the same build at 4 KiB.
 """
 
 from __future__ import annotations
@@ -74,12 +83,73 @@ def compare(a: Forward, b: Forward) -> Diff:
                 top1_agree=float((a.logits.argmax(-1) == b.logits.argmax(-1)).mean()), positions=len(a.tokens))
 
 
+# An aarch64 build may differ from x86-native by at most this many times what x86-avx2 differs from it.
+TOLERANCE_FACTOR = 2.0
+MODES = ("plain", "mixed", "q4k")
+
+
+def _same_bits(a: Forward, b: Forward) -> bool:
+    return np.array_equal(a.logits.view(np.uint32), b.logits.view(np.uint32)) and np.array_equal(a.tokens, b.tokens)
+
+
+def verdict(out: Path, builds: list[str], threads: list[str], page16k: str | None = None) -> int:
+    """Print one PASS/FAIL line per check (see the module docstring); the number of failures."""
+    runs = {(b, t, m): load(out / f"{b}.t{t}.{m}.bin") for b in builds for t in threads for m in MODES}
+    fails = 0
+
+    def report(ok: bool, text: str) -> None:
+        nonlocal fails
+        fails += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+
+    t_max = threads[-1]
+    for b in builds:
+        same_t = all(_same_bits(runs[b, threads[0], m], runs[b, t, m]) for t in threads for m in MODES)
+        report(same_t, f"{b}: threads {' and '.join(threads)} give the same bits (plain, mixed, q4k)")
+        q4k = all(_same_bits(runs[b, t, "plain"], runs[b, t, "q4k"]) for t in threads)
+        report(q4k, f"{b}: every expert viewed at Q4_K (the base tier, from the sidecar) = plain, bit for bit")
+        mixed = runs[b, t_max, "mixed"]
+        d = compare(runs[b, t_max, "plain"], mixed)
+        report(mixed.n_views > 0 and d.max_abs > 0,
+               f"{b}: mixed tiers ({mixed.n_views} expert views) change the logits (top-1 agreement with plain "
+               f"{100 * d.top1_agree:.1f}%)")
+    ref, x86b = "x86-native", "x86-avx2"
+    for m in ("plain", "mixed"):
+        base = compare(runs[ref, t_max, m], runs[x86b, t_max, m])
+        tol = TOLERANCE_FACTOR * base.max_abs
+        print(f"      {m}: {x86b} vs {ref}: max |dlogit| {base.max_abs:.3g} ({base.max_rel:.2g} of max |logit|), "
+              f"max KL {base.max_kl:.2g}, top-1 {100 * base.top1_agree:.2f}% -> tolerance {tol:.3g}")
+        for b in builds:
+            if not b.startswith("aarch64"):
+                continue
+            d = compare(runs[ref, t_max, m], runs[b, t_max, m])
+            report(d.max_abs <= tol and d.max_kl <= TOLERANCE_FACTOR * max(base.max_kl, 1e-12),
+                   f"{b} vs {ref}, {m}: max |dlogit| {d.max_abs:.3g} (<= {tol:.3g}), max KL {d.max_kl:.2g}, "
+                   f"top-1 {100 * d.top1_agree:.2f}%")
+    if page16k:
+        b = page16k.rsplit(".t", 1)[0].replace("-p16k", "")
+        for m in MODES:
+            r16 = load(out / f"{page16k}.{m}.bin")
+            r4 = runs[b, page16k.rsplit(".t", 1)[1], m]
+            report(r16.page_size == 16384 and _same_bits(r16, r4),
+                   f"{b} with 16 KiB pages (page size seen: {r16.page_size}), {m}: the bits of 4 KiB pages")
+    return fails
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("a", type=Path)
-    ap.add_argument("b", type=Path)
+    ap.add_argument("a", type=Path, nargs="?")
+    ap.add_argument("b", type=Path, nargs="?")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--verdict", type=Path, metavar="DIR")
+    ap.add_argument("--builds", default="x86-native x86-avx2 aarch64-a76 aarch64-armv8.2")
+    ap.add_argument("--threads", default="1 2")
+    ap.add_argument("--page16k")
     args = ap.parse_args()
+    if args.verdict:
+        raise SystemExit(1 if verdict(args.verdict, args.builds.split(), args.threads.split(), args.page16k) else 0)
+    if args.a is None or args.b is None:
+        ap.error("two files, or --verdict DIR")
     diff = compare(load(args.a), load(args.b))
     if args.json:
         print(json.dumps(asdict(diff)))
