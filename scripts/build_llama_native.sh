@@ -11,7 +11,7 @@
 #   --stock         without patches/ (its own cache key)
 #   --target T      a cmake target: llama-perplexity, llama, ggml-cpu, ggml, ... (repeatable)
 #   --driver F.c    one of our C test programs, compiled against the built libraries into the same
-#                   directory (named after the file); link order: llama, ggml, ggml-cpu, ggml-base
+#                   directory (named after the file): ggml, plus libllama if it includes llama.h
 #   --cached-only   build nothing: print the directory if every target and driver is already there,
 #                   else nothing (exit 0)
 #   --key           print the cache key and exit
@@ -186,9 +186,12 @@ if [ ${#TARGETS[@]} -gt 0 ]; then
 fi
 
 # ---- drivers: our C programs, against the built libraries -----------------------------------
+needs_llama() { grep -q '#include "llama.h"' "$1"; }
 if [ ${#DRIVERS[@]} -gt 0 ]; then
-    # the libraries a driver links with
-    nice cmake --build "$DIR/build" --parallel "$(nproc 2>/dev/null || echo 2)" --target llama ggml ggml-cpu ggml-base \
+    # the libraries the drivers link with: ggml, and libllama for a driver that includes llama.h
+    LIBS=(ggml ggml-cpu ggml-base)
+    for d in "${DRIVERS[@]}"; do if needs_llama "$d"; then LIBS+=(llama); break; fi; done
+    nice cmake --build "$DIR/build" --parallel "$(nproc 2>/dev/null || echo 2)" --target "${LIBS[@]}" \
         >> "$DIR/build.log" 2>&1 || {
         tail -n 40 "$DIR/build.log" >&2; echo "error: build failed (log: $DIR/build.log)" >&2; exit 1; }
 fi
@@ -200,8 +203,10 @@ for d in ${DRIVERS[@]+"${DRIVERS[@]}"}; do
     fi
     log "compiling driver $name"
     # shellcheck disable=SC2086
+    LLAMA_LIB=()
+    if needs_llama "$d"; then LLAMA_LIB=(-lllama); fi
     "$CC" -std=c11 -O2 -Wall -Wextra $ARCH_CFLAGS -I"$LLAMA_SRC/include" -I"$LLAMA_SRC/ggml/include" \
-        -o "$BIN/$name.tmp" "$d" -L"$BIN" -lllama -lggml -lggml-cpu -lggml-base -lm -lpthread \
+        -o "$BIN/$name.tmp" "$d" -L"$BIN" ${LLAMA_LIB[@]+"${LLAMA_LIB[@]}"} -lggml -lggml-cpu -lggml-base -lm -lpthread \
         -Wl,-rpath,'$ORIGIN' || { echo "error: compiling $d failed" >&2; exit 1; }
     mv "$BIN/$name.tmp" "$BIN/$name"
     echo "$stamp" > "$BIN/$name.stamp"
