@@ -39,8 +39,9 @@ def test_kl_grows_and_top1_falls_as_tiers_shrink(bundle, text_file):
     assert all(r.tokens == 6 * 31 for r in res.values())  # second half of each chunk, llama-perplexity style
     self_ref = evaluate(ref, text_file, ctx=64, max_chunks=2)  # the full-precision bundle is its own reference
     # against itself only the 16-bit storage of the reference's log-probabilities remains (llama-perplexity's):
-    # a tie there may flip a top-1 (2 of 20,320 positions on the shipped model's held-out text)
-    assert 0 <= self_ref.kl_mean < 1e-5 and self_ref.top1 >= 0.99 and np.isfinite(self_ref.ppl)
+    # its rounding can make the mean slightly negative, and a tie may flip a top-1 (2 of 20,320 positions on
+    # the shipped model's held-out text)
+    assert abs(self_ref.kl_mean) < 1e-5 and self_ref.top1 >= 0.99 and np.isfinite(self_ref.ppl)
     assert self_ref.kl_mean < res["Q8_0"].kl_mean / 10
 
 
