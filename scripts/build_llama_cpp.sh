@@ -14,9 +14,6 @@
 # nothing. Prints the wheel path on the last line of stdout.
 set -euo pipefail
 
-VERSION=0.3.36
-PKG=llama-cpp-python
-
 usage() { echo "usage: $0 [--stock] PY" >&2; exit 2; }
 
 STOCK=0
@@ -40,40 +37,18 @@ PY="$(command -v "$PY")"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-PATCH_DIR="$ROOT/patches"
-CACHE="${DYMOE_CACHE:-$HOME/.cache/dymoe-gguf}"
-SDIST_DIR="$CACHE/sdist"
+# shellcheck source=scripts/llama_sdist.sh
+. "$HERE/llama_sdist.sh"
 
 log() { echo "build_llama_cpp: $*" >&2; }
 
-sha256_of() { "$PY" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"; }
-
-# ---- the sdist (fetched once) ---------------------------------------------------------------
-mkdir -p "$SDIST_DIR"
-SDIST="$(ls "$SDIST_DIR"/llama_cpp_python-"$VERSION".tar.gz 2>/dev/null | head -n1 || true)"
-if [ -z "$SDIST" ]; then
-    log "fetching $PKG==$VERSION sdist"
-    "$PY" -m pip download --quiet --no-deps --no-binary :all: "$PKG==$VERSION" -d "$SDIST_DIR" >&2
-    SDIST="$(ls "$SDIST_DIR"/llama_cpp_python-"$VERSION".tar.gz 2>/dev/null | head -n1 || true)"
-    [ -n "$SDIST" ] || { echo "error: could not download the $PKG $VERSION sdist" >&2; exit 1; }
-fi
-
-# ---- the patches and the cache key ----------------------------------------------------------
-PATCHES=()
-if [ "$STOCK" = 0 ]; then
-    shopt -s nullglob
-    PATCHES=("$PATCH_DIR"/*.patch)
-    shopt -u nullglob
-    [ ${#PATCHES[@]} -gt 0 ] || { echo "error: no patches in $PATCH_DIR" >&2; exit 1; }
-fi
+# ---- the sdist, the patches and the cache key -----------------------------------------------
+sdist_fetch
+patch_list "$STOCK"
 PYVER="$("$PY" -c 'import sys; print(sys.version)')"
 KEY="$(
     {
-        echo "sdist $(sha256_of "$SDIST")"
-        echo "stock $STOCK"
-        for p in ${PATCHES[@]+"${PATCHES[@]}"}; do
-            echo "patch $(basename "$p") $(sha256_of "$p")"
-        done
+        sdist_key_lines
         echo "arch $(uname -m)"
         echo "python $PYVER"
     } | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:32])'
@@ -90,18 +65,7 @@ fi
 if [ -z "$WHEEL" ]; then
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/dymoe-llama-build.XXXXXX")"
     trap 'rm -rf "$WORK"' EXIT
-    tar -xzf "$SDIST" -C "$WORK"
-    SRC="$WORK/llama_cpp_python-$VERSION"
-    [ -d "$SRC" ] || { echo "error: unexpected sdist layout in $SDIST" >&2; exit 1; }
-    for p in ${PATCHES[@]+"${PATCHES[@]}"}; do
-        name="$(basename "$p")"
-        if ! patch -d "$SRC" -p1 --forward --dry-run --silent < "$p" >/dev/null 2>&1; then
-            echo "error: patch $name no longer applies to llama-cpp-python $VERSION" >&2
-            exit 1
-        fi
-        patch -d "$SRC" -p1 --forward --silent < "$p" >&2
-        log "applied $name"
-    done
+    sdist_extract_patched "$WORK"
     log "building wheel (key $KEY), this takes several minutes"
     mkdir -p "$WHEEL_DIR.tmp"
     rm -f "$WHEEL_DIR.tmp"/*.whl

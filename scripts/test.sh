@@ -4,12 +4,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check dymoe_gguf converters tests scripts
-# A stock build of the same sdist, if one is cached (never built here: it would double the set-up
-# time), lets tests/native compare the patched build with nothing registered against stock, bit for bit.
-STOCK_WHEEL="$(bash scripts/build_llama_cpp.sh --stock --cached-only .venv/bin/python 2>/dev/null || true)"
-if [ -n "$STOCK_WHEEL" ] && [ -z "${DYMOE_STOCK_LIB_DIR:-}" ]; then
-    rm -rf .venv/stock-llama && mkdir -p .venv/stock-llama
-    .venv/bin/python -m zipfile -e "$STOCK_WHEEL" .venv/stock-llama
-    export DYMOE_STOCK_LIB_DIR="$PWD/.venv/stock-llama/llama_cpp/lib"
+# cmake builds of the vendored llama.cpp the tests compare against (scripts/build_llama_native.sh,
+# cached under ~/.cache/dymoe-gguf/native; cold on 2 cores: see README "Quality"): the patched build's
+# llama-perplexity and our C test programs, and a stock ggml for the patched-vs-stock comparison.
+if [ "$(uname -m)" = x86_64 ]; then
+    bash scripts/build_llama_native.sh --variant x86-native --target llama-perplexity \
+        --driver tests/native/c/views_test.c --driver tests/native/c/forward.c >/dev/null
+    bash scripts/build_llama_native.sh --variant x86-native --stock --target ggml-cpu --target ggml >/dev/null
+    export DYMOE_REQUIRE_NATIVE=1
 fi
 .venv/bin/python -m pytest -q "$@"

@@ -162,3 +162,11 @@ def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = N
                     os.environ.pop("DYMOE_NO_POPULATE", None)
                 else:
                     os.environ["DYMOE_NO_POPULATE"] = old
+
+
+def vocab_special(llm: Any) -> tuple[bool, bool]:
+    """``(add_bos, add_eos)`` of a ``Llama``'s vocabulary: what its tokenizer adds with ``add_special``."""
+    from llama_cpp import llama_cpp as low
+
+    vocab = low.llama_model_get_vocab(llm.model)
+    return bool(low.llama_vocab_get_add_bos(vocab)), bool(low.llama_vocab_get_add_eos(vocab))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,21 +168,31 @@ def run(bundle: Path | None, model: Path | None, ctx: int, threads: int | None, 
 @click.option("-t", "--threads", type=click.IntRange(1, 512))
 @_policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--flash-attn", is_flag=True,
+              help="Flash attention, as llama-perplexity's default -fa auto on a CPU [default: off, as run].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @errors
 def eval_cmd(bundle: Path, text_file: Path, reference: Path | None, ctx: int, max_chunks: int | None,
-             threads: int | None, as_json: bool, **policy: Any) -> None:
-    """Perplexity, KL divergence and top-1 agreement of BUNDLE (under a policy) on held-out text."""
+             threads: int | None, as_json: bool, flash_attn: bool, quiet: bool, **policy: Any) -> None:
+    """Perplexity, KL divergence and top-1 agreement of BUNDLE (under a policy) on held-out text,
+    measured as llama-perplexity (--kl-divergence) does."""
     from dymoe_gguf.quality.eval import evaluate
 
     kw = _policy_kwargs(**policy)
     if click.get_current_context().get_parameter_source("policy") is ParameterSource.DEFAULT:
         kw["policy"] = "off"  # eval measures the bundle as converted unless a policy is asked for
-    res = evaluate(bundle, text_file, reference=reference, ctx=ctx, max_chunks=max_chunks, n_threads=threads, **kw)
+    res = evaluate(bundle, text_file, reference=reference, ctx=ctx, max_chunks=max_chunks, n_threads=threads,
+                   flash_attn=flash_attn, progress=not (quiet or as_json) and sys.stderr.isatty(), **kw)
     d = res.to_dict()
-    kl = "n/a" if res.kl_mean is None else f"{res.kl_mean:.5f}"
-    top1 = "n/a" if res.top1 is None else f"{100 * res.top1:.2f}%"
-    emit(d, as_json, f"ppl {res.ppl:.4f}  KL {kl}  top-1 {top1}  ({res.tokens} tokens, {res.chunks} chunks of "
-                      f"{res.ctx}; policy {res.policy}; reference {res.reference})")
+    lines = [f"PPL {res.ppl:.4f} +/- {res.ppl_unc:.4f}  ({res.tokens} tokens, {res.chunks} chunks of {res.ctx}; "
+             f"policy {res.policy}; reference {res.reference or 'none'})"]
+    if res.kl_mean is not None:
+        lines.append(f"KL mean {res.kl_mean:.6f} +/- {res.kl_unc:.6f}  median {res.kl_median:.6f}  "
+                     f"99% {res.kl_p99:.6f}  99.9% {res.kl_p999:.6f}  max {res.kl_max:.6f}")
+        lines.append(f"same top p {100 * res.top1:.3f} +/- {100 * res.top1_unc:.3f} %  "
+                     f"mean dp {100 * res.dp_mean:.3f} +/- {100 * res.dp_mean_unc:.3f} %  "
+                     f"RMS dp {100 * res.dp_rms:.3f} %  PPL(ref) {res.ppl_base:.4f}")
+    emit(d, as_json, "\n".join(lines))
 
 
 @cli.command(context_settings=CONTEXT)

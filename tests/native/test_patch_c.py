@@ -5,8 +5,9 @@ on a stock build the module is skipped. A tiny qwen3moe GGUF with random weights
 fixture; experts are stored at Q8_0 and views point at numpy buffers holding single experts
 quantized to other types.
 
-Optional: DYMOE_STOCK_LIB_DIR=<lib dir of a stock llama-cpp-python 0.3.36 wheel, same build flags>
-compares the patched build with nothing registered against stock, logits bit for bit.
+The patched-vs-stock comparison uses two cmake builds with the same flags made by
+scripts/build_llama_native.sh (bash scripts/test.sh builds them; a plain pytest run skips it if they
+are not cached).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +31,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 import _ggml_helpers as H  # noqa: E402
+
+from tests.native.builds import cached_build  # noqa: E402
 
 API = H.patch_api()
 if API is None:
@@ -255,33 +261,56 @@ _CHILD_LOGITS = textwrap.dedent(r"""
     sys.path.insert(0, sys.argv[2])
     import _ggml_helpers as H
     prompt, next_token, n_vocab = json.loads(sys.argv[3])
-    out = {}
+    out = {"logits": {}}
     for n in (1, 2):
         r = H.Runner(sys.argv[1], n, prompt, next_token, n_vocab)
         res = r.run()
-        out[n] = {p: res[p]["logits"].view("uint32").tolist() for p in ("prompt", "decode")}
+        out["logits"][n] = {p: res[p]["logits"].view("uint32").tolist() for p in ("prompt", "decode")}
         r.close()
+    out["ggml_cpu"] = H._loaded_path("libggml-cpu")
+    out["patched"] = H.patch_api() is not None
     print(json.dumps(out))
 """)
 
 
-@pytest.mark.skipif(not os.environ.get("DYMOE_STOCK_LIB_DIR"),
-                    reason="set DYMOE_STOCK_LIB_DIR to a stock wheel's llama_cpp/lib to compare with stock")
-def test_nothing_registered_matches_stock(model_file):
-    """(a) with nothing registered, the patched build gives the bits of a stock build."""
+def _patched_and_stock_libs(tmp_path) -> tuple[Path, Path]:
+    """Library directories of two cmake builds with the same flags (scripts/build_llama_native.sh,
+    x86-native): the patched one, and the same libllama with a stock (unpatched) ggml. Patch 0001 is
+    all in libggml-cpu; 0002's libllama change is an environment switch, off here."""
+    patched = cached_build("x86-native", targets=("llama",))
+    stock_ggml = cached_build("x86-native", stock=True, targets=("ggml-cpu", "ggml"))
+    stock = tmp_path / "stock-lib"
+    stock.mkdir()
+    for f in [*patched.glob("libllama.so*"), *stock_ggml.glob("libggml*.so*")]:
+        shutil.copy2(f, stock / f.name, follow_symlinks=False)
+    return patched, stock
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="compares x86-native builds")
+@pytest.mark.parametrize("expert_type", [H.GGML_TYPE_Q8_0, H.GGML_TYPE_Q4_K], ids=["Q8_0", "Q4_K"])
+def test_nothing_registered_matches_stock(model_file, tmp_path, expert_type):
+    """(a) with nothing registered, the patched build gives the bits of a stock build (logits of a
+    prompt batch and a decode, 1 and 2 threads), Q8_0 and Q4_K experts."""
+    path = model_file[0]
+    if expert_type != H.GGML_TYPE_Q8_0:
+        path = str(tmp_path / "tiny-moe-q4k.gguf")
+        H.write_tiny_moe(path, n_layer=2, n_embd=N_EMBD, n_ff_exp=N_FF, n_expert=N_EXPERT, n_expert_used=N_USED,
+                         n_vocab=N_VOCAB, seed=0, expert_type=expert_type)
+    patched, stock = _patched_and_stock_libs(tmp_path)
     here = os.path.dirname(os.path.abspath(__file__))
     results = {}
-    for label, libdir in (("stock", os.environ["DYMOE_STOCK_LIB_DIR"]),
-                          ("patched", os.environ.get("LLAMA_CPP_LIB_PATH"))):
-        env = dict(os.environ)
-        env.pop("LLAMA_CPP_LIB_PATH", None)
-        if libdir:
-            env["LLAMA_CPP_LIB_PATH"] = libdir
-        p = subprocess.run([sys.executable, "-c", _CHILD_LOGITS, model_file[0], here,
+    for label, libdir in (("stock", stock), ("patched", patched)):
+        # LD_LIBRARY_PATH: the copied libllama's RUNPATH still names the patched build directory
+        env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(libdir), LD_LIBRARY_PATH=str(libdir))
+        p = subprocess.run([sys.executable, "-c", _CHILD_LOGITS, path, here,
                             json.dumps([PROMPT, NEXT_TOKEN, N_VOCAB])],
-                           env=env, capture_output=True, text=True, timeout=120)
+                           env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-        results[label] = json.loads(p.stdout.strip().splitlines()[-1])
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        # the child ran the library we meant: a stock ggml-cpu from the stock directory
+        assert Path(res["ggml_cpu"]).resolve().parent == libdir.resolve(), (label, res["ggml_cpu"])
+        assert res["patched"] == (label == "patched"), label
+        results[label] = res["logits"]
     assert results["stock"] == results["patched"]
 
 

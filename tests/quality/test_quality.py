@@ -38,7 +38,11 @@ def test_kl_grows_and_top1_falls_as_tiers_shrink(bundle, text_file):
     assert res["Q8_0"].top1 > 0.9 and res["Q2_K"].kl_mean > 0
     assert all(r.tokens == 6 * 31 for r in res.values())  # second half of each chunk, llama-perplexity style
     self_ref = evaluate(ref, text_file, ctx=64, max_chunks=2)  # the full-precision bundle is its own reference
-    assert self_ref.kl_mean == 0.0 and self_ref.top1 == 1.0 and np.isfinite(self_ref.ppl)
+    # against itself only the 16-bit storage of the reference's log-probabilities remains (llama-perplexity's):
+    # its rounding can make the mean slightly negative, and a tie may flip a top-1 (2 of 20,320 positions on
+    # the shipped model's held-out text)
+    assert abs(self_ref.kl_mean) < 1e-5 and self_ref.top1 >= 0.99 and np.isfinite(self_ref.ppl)
+    assert self_ref.kl_mean < res["Q8_0"].kl_mean / 10
 
 
 def test_eval_cli_json(bundle, text_file):
@@ -51,6 +55,27 @@ def test_eval_cli_json(bundle, text_file):
     assert {"ppl", "kl_mean", "top1", "tokens"} <= set(d) and d["policy"] == "off"
     r = CliRunner().invoke(cli, ["eval", str(q), "--text", str(text_file) + ".missing"])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def _clean_failure(r, needle: str) -> None:
+    text = r.output.strip()
+    assert r.exit_code == 1 and r.exc_info[0] is SystemExit, text
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert text.startswith("Error: ") and needle.lower() in text.lower(), text
+
+
+def test_eval_bad_reference_is_one_line(bundle, text_file, tmp_path):
+    """A reference that is not a GGUF (a text file, a sidecar-less directory, garbage after the magic)."""
+    q = bundle("qwen3moe", base_tier=Tier.Q8_0)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\xff" * 64)
+    args = ["eval", str(q), "--text", str(text_file), "--ctx", "64", "--chunks", "1", "--reference"]
+    _clean_failure(CliRunner().invoke(cli, args + [str(notes)]), "is not a GGUF file")
+    _clean_failure(CliRunner().invoke(cli, args + [str(fake)]), "cannot load the reference")
+    _clean_failure(CliRunner().invoke(cli, args + [str(tmp_path / "missing.gguf")]), "does not exist")
+    _clean_failure(CliRunner().invoke(cli, ["eval", str(q), "--text", str(tmp_path)]), "is not a file")
 
 
 def _hot_experts(src) -> list[int]:
