@@ -46,11 +46,19 @@ log() { echo "build_llama_cpp: $*" >&2; }
 sdist_fetch
 patch_list "$STOCK"
 PYVER="$("$PY" -c 'import sys; print(sys.version)')"
+# No AMX code in the wheel: llama.cpp's AMX buffer type crashes on some Intel CPUs (issue 20824
+# upstream), and GGML_NATIVE's -march=native would compile it in on any CPU that has AMX. The
+# runtime also never asks for extra buffer types; this protects plain llama_cpp.Llama users too.
+AMX_OFF=""
+if [ "$(uname -m)" = x86_64 ]; then
+    AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 KEY="$(
     {
         sdist_key_lines
         echo "arch $(uname -m)"
         echo "python $PYVER"
+        echo "cflags $AMX_OFF"
     } | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:32])'
 )"
 WHEEL_DIR="$CACHE/wheels/$KEY"
@@ -70,7 +78,8 @@ if [ -z "$WHEEL" ]; then
     mkdir -p "$WHEEL_DIR.tmp"
     rm -f "$WHEEL_DIR.tmp"/*.whl
     start=$(date +%s)
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip wheel --no-deps "$SRC" -w "$WHEEL_DIR.tmp" >&2
+    CMAKE_ARGS="${CMAKE_ARGS:-}${AMX_OFF:+ -DCMAKE_C_FLAGS='$AMX_OFF' -DCMAKE_CXX_FLAGS='$AMX_OFF'}" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip wheel --no-deps "$SRC" -w "$WHEEL_DIR.tmp" >&2
     log "wheel built in $(( $(date +%s) - start )) s"
     rm -rf "$WHEEL_DIR"
     mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"

@@ -4,12 +4,13 @@ From libggml-cpu (ggml-cpu.h, ``DYMOE_PATCH_VERSION >= 2``)::
 
     struct dymoe_layer_hook { struct dymoe_hot * state; int32_t layer, n_expert; const uint8_t * ready;
                               const float * router; int32_t renorm, next; const float * next_router;
-                              int32_t n_next; const uint8_t * next_ready; const uint8_t * prefetch; };
+                              int32_t n_next; const uint8_t * next_ready; const uint8_t * prefetch;
+                              uint8_t * in_use; };
     typedef void (*dymoe_miss_fn)(int32_t layer, int32_t n, const int32_t * experts);
     struct dymoe_eval_forward { ggml_backend_sched_eval_callback fn; void * user_data; };
     struct dymoe_hot * dymoe_hot_new(int32_t k, int32_t cap, int32_t * log_layer, int32_t * log_ids,
-                                     float * log_w, int32_t n_layers, int64_t * counters, dymoe_miss_fn on_miss,
-                                     int wake_fd, int32_t * requests, int32_t request_cap);
+                                     float * log_w, int32_t n_layers, int64_t * counters, int32_t * current,
+                                     dymoe_miss_fn on_miss, int wake_fd, int32_t * requests, int32_t request_cap);
     void    dymoe_hot_free(struct dymoe_hot * hs);
     int     dymoe_hook_set(const struct ggml_tensor * w, const struct dymoe_layer_hook * hook);
     int     dymoe_expert_view_reserve(const struct ggml_tensor * w, uint64_t type_mask);
@@ -44,7 +45,7 @@ class LayerHook(ctypes.Structure):
                 ("ready", ctypes.c_void_p),
                 ("router", ctypes.c_void_p), ("renorm", ctypes.c_int32), ("next", ctypes.c_int32),
                 ("next_router", ctypes.c_void_p), ("n_next", ctypes.c_int32), ("next_ready", ctypes.c_void_p),
-                ("prefetch", ctypes.c_void_p)]
+                ("prefetch", ctypes.c_void_p), ("in_use", ctypes.c_void_p)]
 
 
 class EvalForward(ctypes.Structure):
@@ -59,8 +60,8 @@ def _ptr(a: np.ndarray | None) -> int | None:
 
 def _bind(lib: ctypes.CDLL) -> None:
     i32p, f32p, i64p = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64)
-    lib.dymoe_hot_new.argtypes = [ctypes.c_int32, ctypes.c_int32, i32p, i32p, f32p, ctypes.c_int32, i64p, MissFn,
-                                  ctypes.c_int, i32p, ctypes.c_int32]
+    lib.dymoe_hot_new.argtypes = [ctypes.c_int32, ctypes.c_int32, i32p, i32p, f32p, ctypes.c_int32, i64p, i32p,
+                                  MissFn, ctypes.c_int, i32p, ctypes.c_int32]
     lib.dymoe_hot_new.restype = ctypes.c_void_p
     lib.dymoe_hot_free.argtypes = [ctypes.c_void_p]
     lib.dymoe_hot_free.restype = None
@@ -88,6 +89,8 @@ class HotPath:
         self.log_ids = np.zeros((log_rows, k), dtype=np.int32)
         self.log_w = np.zeros((log_rows, k), dtype=np.float32)
         self.counters = np.zeros((N_COUNTERS, n_layers), dtype=np.int64)
+        self.current = np.full(1, -1, dtype=np.int32)  # the layer whose hook ran last
+        self.in_use = np.zeros((n_layers, 0), dtype=np.uint8)  # sized by the first hook
         self.requests = np.zeros((request_cap, 2), dtype=np.int32)
         self._out = np.zeros((request_cap, 2), dtype=np.int32)
         self._times = np.zeros(3, dtype=np.int64)
@@ -101,8 +104,9 @@ class HotPath:
         self._miss = MissFn(miss)
         i32, f32, i64 = ctypes.c_int32, ctypes.c_float, ctypes.c_int64
         self.state = lib.dymoe_hot_new(k, log_rows, self._p(self.log_layer, i32), self._p(self.log_ids, i32),
-                                       self._p(self.log_w, f32), n_layers, self._p(self.counters, i64), self._miss,
-                                       wake_fd, self._p(self.requests, i32), request_cap)
+                                       self._p(self.log_w, f32), n_layers, self._p(self.counters, i64),
+                                       self._p(self.current, i32), self._miss, wake_fd, self._p(self.requests, i32),
+                                       request_cap)
         if not self.state:
             raise NativeLibraryError(f"dymoe_hot_new failed: k={k}, layers={n_layers}")
 
@@ -115,8 +119,10 @@ class HotPath:
              prefetch: np.ndarray | None = None) -> None:
         """Run the hook for MoE layer ``layer`` at ``tensor`` (its first expert weight)."""
         n_next = 0 if next_router is None else len(next_router)
+        if self.in_use.shape[1] < len(ready):
+            self.in_use = np.zeros((len(self.counters[0]), len(ready)), dtype=np.uint8)
         h = LayerHook(self.state, layer, len(ready), _ptr(ready), router_ptr, int(renorm), next_layer,
-                      _ptr(next_router), n_next, _ptr(next_ready), _ptr(prefetch))
+                      _ptr(next_router), n_next, _ptr(next_ready), _ptr(prefetch), _ptr(self.in_use[layer]))
         self._keep += [h, ready, next_router, next_ready, prefetch]
         rc = self.lib.dymoe_hook_set(tensor, ctypes.addressof(h))
         if rc != 0:
@@ -129,6 +135,11 @@ class HotPath:
         if rc != 0:
             raise NativeLibraryError(f"dymoe_expert_view_reserve failed ({rc})")
         self._reserved.append(tensor)
+
+    def reading(self) -> tuple[int, np.ndarray] | None:
+        """(layer, experts) the layer being computed reads, as its hook published them, or None."""
+        layer = int(self.current[0])
+        return None if layer < 0 else (layer, np.flatnonzero(self.in_use[layer]))
 
     def take_log(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Rows logged since the last take: (layer [n], ids [n, k], weights [n, k]) and rows dropped."""

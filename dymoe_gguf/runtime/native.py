@@ -45,6 +45,7 @@ class NativePath:
         self.dropped_rows = 0
         self._install(index, discovered)
         step.pager.external = self._requests
+        step.pager.reading = self._reading
 
     def _install(self, index: Any, d: Discovered) -> None:
         pager, types = self.step.pager, sorted({int(t.ggml_type) for t in index.tiers})
@@ -88,6 +89,10 @@ class NativePath:
             step.pager.use(layer, experts, tiers)
         except BaseException as exc:  # never unwind through C: raised when the decode returns
             step.observer.guard.fail(exc)
+
+    def _reading(self) -> tuple[int, np.ndarray] | None:
+        now = self.hot.reading()
+        return None if now is None else (self.moe[now[0]], now[1])
 
     def _requests(self) -> list[tuple[int, int, int]]:
         reqs = self.hot.take_requests()
@@ -144,7 +149,7 @@ class NativePath:
     def close(self) -> None:
         """Unregister the hooks (before the model or the pager is freed)."""
         self.hot.clear()
-        self.step.pager.external = None
+        self.step.pager.external = self.step.pager.reading = None
 
 
 

@@ -113,6 +113,7 @@ class Pager(PagerThread):
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.external: Any = None  # () -> [(layer, expert, tier)]: prefetch requests queued elsewhere
+        self.reading: Any = None  # () -> (layer, experts) the layer being computed reads, or None
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._dirty = True  # plan changed: warm again
@@ -300,6 +301,9 @@ class Pager(PagerThread):
         if protect and self._current is not None:
             layer, experts, tiers = self._current
             resident[layer, experts, tiers] = False
+        reading = self.reading() if protect and self.reading is not None else None
+        if reading is not None:  # what the layer computing now reads (the C hot path publishes it)
+            resident[reading[0], reading[1], :] = False
         kept = np.zeros_like(resident)
         li, ei = np.nonzero(self.keep >= 0)
         kept[li, ei, self.keep[li, ei]] = True
