@@ -1,9 +1,25 @@
 """Synthetic MoE checkpoints in the real Hugging Face layout (numpy + safetensors, no torch).
 
 Used by the tests (tiny models of each architecture), by ``bench`` (OLMoE-shaped models larger than
-the memory cap) and by the demo before a trained model is present. Router skew is planted by giving
-every token embedding a shared direction ``u`` and each router row a Zipf-weighted multiple of it,
-so some experts are chosen far more often than others, as in trained MoEs.
+the memory cap) and by the demo before a trained model is present.
+
+Routing statistics are planted, each by one knob of :class:`SynthConfig`:
+
+* **load skew** (``skew``): every token embedding shares a direction ``u`` and each router row gets a
+  Zipf-weighted multiple of it, so some experts are chosen far more often than others;
+* **how much each layer changes the residual stream** (``residual_scale``): the attention output
+  projection and the experts' down projections are scaled by it. Random full-size updates (1.0) turn
+  the hidden state over from layer to layer, so the next layer's router applied to this layer's hidden
+  state (look-ahead) names about half of its experts; trained MoEs change it slowly (small values);
+* **cross-layer router correlation** (``router_corr``): each layer's random router rows are an AR(1)
+  continuation of the previous layer's, correlation ``router_corr``, so one layer's choice predicts
+  the next one's;
+* **gate sharpness** (``router_logit_std``): the router is scaled so a normalised hidden state gives
+  logits of this standard deviation (before skew); it changes the gate weights, not which experts are
+  selected (a top-k is scale-invariant). ``None`` keeps the unscaled router (std 0.5·√d: near one-hot).
+
+The defaults reproduce the original random model bit for bit (the tests' models and the bench's
+"random" model); :data:`REALISTIC` holds the values the bench uses for its default, realistic model.
 """
 
 from __future__ import annotations
@@ -37,12 +53,19 @@ class SynthConfig:
     vocab: int = 512  # byte-level BPE: 256 byte tokens, the rest padding
     shared_ff: int = 256  # qwen2moe shared expert width
     skew: float = 3.0  # router skew strength (0 = uniform routing)
+    residual_scale: float = 1.0  # scale of each layer's attention / expert outputs added to the residual stream
+    router_corr: float = 0.0  # correlation of a layer's random router rows with the previous layer's
+    router_logit_std: float | None = None  # router logits' std on a normalised hidden state (None: 0.5·sqrt(d))
     fused_experts: bool = False  # transformers>=5 layout: experts.gate_up_proj / experts.down_proj
     dtype: str = "float16"  # stored dtype: float32 | float16 | bfloat16
     seed: int = 0
     shards: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.router_corr < 1:
+            raise ValueError(f"Expected router_corr in [0, 1), got {self.router_corr}")
+        if self.residual_scale <= 0 or (self.router_logit_std is not None and self.router_logit_std <= 0):
+            raise ValueError("Expected residual_scale and router_logit_std > 0")
         if self.arch == "olmoe":  # llama.cpp's olmoe sizes k_norm by n_embd: multi-head attention only
             object.__setattr__(self, "n_head_kv", self.n_head)
 
@@ -58,6 +81,11 @@ def _store(a: np.ndarray, dtype: str) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
+def _scaled(a: np.ndarray, scale: float) -> np.ndarray:
+    """``a * scale`` in float32; ``a`` itself when ``scale`` is 1 (the original model, bit for bit)."""
+    return a if scale == 1.0 else (a * np.float32(scale)).astype(np.float32)
+
+
 def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
     """All tensors of the checkpoint in HF naming, float32."""
     rng = np.random.default_rng(c.seed)
@@ -71,6 +99,9 @@ def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
     w: dict[str, np.ndarray] = {}
     w["model.embed_tokens.weight"] = mat(c.vocab, c.d, 1.0) + 2.0 * u
     zipf = 1.0 / np.arange(1, c.n_expert + 1)
+    # router_logit_std: scale the whole router (noise and skew alike, so selection does not change)
+    r_scale = 1.0 if c.router_logit_std is None else c.router_logit_std / (0.5 * np.sqrt(c.d))
+    noise_prev: np.ndarray | None = None
     for layer in range(c.n_layer):
         p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = np.ones(c.d, np.float32)
@@ -78,7 +109,7 @@ def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
         w[p + "self_attn.q_proj.weight"] = mat(c.n_head * hd, c.d)
         w[p + "self_attn.k_proj.weight"] = mat(c.n_head_kv * hd, c.d)
         w[p + "self_attn.v_proj.weight"] = mat(c.n_head_kv * hd, c.d)
-        w[p + "self_attn.o_proj.weight"] = mat(c.d, c.n_head * hd)
+        w[p + "self_attn.o_proj.weight"] = _scaled(mat(c.d, c.n_head * hd), c.residual_scale)
         if c.arch == "qwen2moe":
             for n, rows in (("q", c.n_head * hd), ("k", c.n_head_kv * hd), ("v", c.n_head_kv * hd)):
                 w[p + f"self_attn.{n}_proj.bias"] = (rng.standard_normal(rows) * 0.02).astype(np.float32)
@@ -90,11 +121,15 @@ def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
             w[p + "self_attn.k_norm.weight"] = np.ones(c.n_head_kv * hd, np.float32)
         moe = p + ("block_sparse_moe." if c.arch == "mixtral" else "mlp.")
         order = rng.permutation(c.n_expert)  # which expert is hot differs per layer
-        router = mat(c.n_expert, c.d, 1.0) * 0.5 + (c.skew * zipf[order] * np.sqrt(c.d))[:, None] * u[None, :]
-        w[moe + "gate.weight"] = router.astype(np.float32)
+        noise = mat(c.n_expert, c.d, 1.0)  # (E, d) unit-variance rows
+        if c.router_corr and noise_prev is not None:  # AR(1) across layers: corr(layer, layer - 1) = router_corr
+            noise = (c.router_corr * noise_prev + np.sqrt(1 - c.router_corr ** 2) * noise).astype(np.float32)
+        noise_prev = noise
+        router = noise * 0.5 + (c.skew * zipf[order] * np.sqrt(c.d))[:, None] * u[None, :]
+        w[moe + "gate.weight"] = _scaled(router.astype(np.float32), r_scale)
         gate = [mat(c.ff, c.d) for _ in range(c.n_expert)]
         up = [mat(c.ff, c.d) for _ in range(c.n_expert)]
-        down = [mat(c.d, c.ff) for _ in range(c.n_expert)]
+        down = [_scaled(mat(c.d, c.ff), c.residual_scale) for _ in range(c.n_expert)]
         if c.fused_experts:
             w[moe + "experts.gate_up_proj"] = np.stack([np.concatenate([g, u_], 0) for g, u_ in zip(gate, up)])
             w[moe + "experts.down_proj"] = np.stack(down)
@@ -107,7 +142,7 @@ def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
         if c.arch == "qwen2moe":
             w[moe + "shared_expert.gate_proj.weight"] = mat(c.shared_ff, c.d)
             w[moe + "shared_expert.up_proj.weight"] = mat(c.shared_ff, c.d)
-            w[moe + "shared_expert.down_proj.weight"] = mat(c.d, c.shared_ff)
+            w[moe + "shared_expert.down_proj.weight"] = _scaled(mat(c.d, c.shared_ff), c.residual_scale)
             w[moe + "shared_expert_gate.weight"] = mat(1, c.d)
     w["model.norm.weight"] = np.ones(c.d, np.float32)
     w["lm_head.weight"] = mat(c.vocab, c.d)
