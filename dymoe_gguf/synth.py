@@ -25,6 +25,7 @@ The defaults reproduce the original random model bit for bit (the tests' models 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,19 @@ class SynthConfig:
             object.__setattr__(self, "n_head_kv", self.n_head)
 
 
+# The original random model (the SynthConfig defaults), as knobs.
+RANDOM: dict = {"skew": 3.0, "residual_scale": 1.0, "router_corr": 0.0, "router_logit_std": None}
+# Routing like the trained model's (models/tiny-moe), measured through calibrate and the controller's
+# look-ahead (scripts/bench_routing.py): next-layer look-ahead recall 0.92 (trained: 0.91-0.92) and a
+# load skew whose normalised entropy *above the top-k floor* matches the trained model's (tiny-moe, 8
+# experts top-2: 0.60 on average, 0.40 of the way from log k to log E; on 64 experts top-8 that is 0.70:
+# measured 0.66 / 0.70 / 0.73). Chosen on the OLMoE shape (d=2048, ff 1024, 64 experts top-8, 3 layers;
+# the statistics depend on d, so smaller test models differ). Cross-layer predictability (calibrate's
+# transition, 0.80) already exceeds the trained model's 0.71 without router correlation, so router_corr
+# stays 0. docs/BENCH.md has the measurements.
+REALISTIC: dict = {"skew": 7.0, "residual_scale": 0.9, "router_corr": 0.0, "router_logit_std": 1.5}
+
+
 def _store(a: np.ndarray, dtype: str) -> np.ndarray:
     a = a.astype(np.float32)
     if dtype == "float32":
@@ -86,8 +100,8 @@ def _scaled(a: np.ndarray, scale: float) -> np.ndarray:
     return a if scale == 1.0 else (a * np.float32(scale)).astype(np.float32)
 
 
-def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
-    """All tensors of the checkpoint in HF naming, float32."""
+def make_weights(c: SynthConfig, on_layer: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """All tensors of the checkpoint in HF naming, float32 (``on_layer(i)`` after each layer: progress)."""
     rng = np.random.default_rng(c.seed)
     hd = c.d // c.n_head
     u = rng.standard_normal(c.d).astype(np.float32)
@@ -144,6 +158,8 @@ def make_weights(c: SynthConfig) -> dict[str, np.ndarray]:
             w[moe + "shared_expert.up_proj.weight"] = mat(c.shared_ff, c.d)
             w[moe + "shared_expert.down_proj.weight"] = _scaled(mat(c.d, c.shared_ff), c.residual_scale)
             w[moe + "shared_expert_gate.weight"] = mat(1, c.d)
+        if on_layer is not None:
+            on_layer(layer)
     w["model.norm.weight"] = np.ones(c.d, np.float32)
     w["lm_head.weight"] = mat(c.vocab, c.d)
     return w
@@ -205,13 +221,24 @@ def byte_bpe_tokenizer() -> dict:
     }
 
 
-def write_checkpoint(out: Path, c: SynthConfig, tokenizer_json: dict | None = None) -> Path:
-    """Write config.json, safetensors (sharded if ``c.shards > 1``) and tokenizer files into ``out``."""
+def write_checkpoint(out: Path, c: SynthConfig, tokenizer_json: dict | None = None, progress: bool = False) -> Path:
+    """Write config.json, safetensors (sharded if ``c.shards > 1``) and tokenizer files into ``out``.
+
+    ``progress``: a tqdm bar over the layers being generated (on stderr)."""
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(make_config(c), indent=2))
-    weights = make_weights(c)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=c.n_layer, unit="layer", desc="generating weights", leave=False)
+    try:
+        weights = make_weights(c, on_layer=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     names = list(weights)
     chunks = [names[i::c.shards] for i in range(c.shards)]
     weight_map = {}
@@ -245,7 +272,7 @@ def _retag_bf16(path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
 
 
-def write_synthetic(out: Path, c: SynthConfig, force: bool = False) -> Path:
+def write_synthetic(out: Path, c: SynthConfig, force: bool = False, progress: bool = False) -> Path:
     """Write a synthetic checkpoint atomically (temporary directory, then rename)."""
     import shutil
     import uuid
@@ -257,7 +284,7 @@ def write_synthetic(out: Path, c: SynthConfig, force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        write_checkpoint(tmp, c)
+        write_checkpoint(tmp, c, progress=progress)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
