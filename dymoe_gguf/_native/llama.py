@@ -87,3 +87,13 @@ def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = N
                     os.environ.pop("DYMOE_NO_POPULATE", None)
                 else:
                     os.environ["DYMOE_NO_POPULATE"] = old
+
+
+def last_logits(llm: Any) -> Any:
+    """The logits of the last evaluated token, float32 [n_vocab], a view into llama.cpp's buffer
+    (valid until the next decode). ``llama_get_logits_ith(ctx, -1)``: no copy, unlike ``llm.scores``."""
+    import numpy as np
+    from llama_cpp import llama_cpp as low
+
+    ptr = low.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
