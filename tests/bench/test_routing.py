@@ -94,3 +94,24 @@ def test_realistic_knobs_make_lookahead_predictable(hf_model, tmp_path):
     assert len(real["normalized_entropy"]) == 3 and len(real["lookahead_recall_by_layer"]) == 3
     assert real["lookahead_recall"] > rand["lookahead_recall"] + 0.1, (real, rand)
     assert real["lookahead_recall"] > 0.8
+
+
+def test_synth_cli_takes_the_routing_knobs(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file
+
+    from dymoe_gguf.cli import cli
+
+    args = ["--arch", "olmoe", "--layers", "2", "--d-model", "128", "--expert-ff", "64", "--experts", "4",
+            "--dtype", "float32"]
+    for name, extra in (("a", []), ("b", ["--residual-scale", "0.5", "--router-corr", "0.3"])):
+        res = CliRunner().invoke(cli, ["synth", str(tmp_path / name), *args, *extra])
+        assert res.exit_code == 0, res.output
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    k = "model.layers.1.mlp.experts.0.down_proj.weight"
+    assert np.allclose(b[k], 0.5 * a[k])
+    r = "model.layers.1.mlp.gate.weight"
+    assert not np.array_equal(a[r], b[r]) and np.array_equal(a["model.layers.0.mlp.gate.weight"],
+                                                             b["model.layers.0.mlp.gate.weight"])
+    res = CliRunner().invoke(cli, ["synth", str(tmp_path / "c"), "--router-corr", "1"])
+    assert res.exit_code == 2 and "--router-corr" in res.output
