@@ -75,18 +75,19 @@ def pareto_front(rows: list[dict]) -> set[int]:
 def run_sweeps(*, trained: Path, text: Path, speed_bundle: Path, q4k_trained: int, q4k_speed: int,
                fixed_bytes: int, worker: Callable[[dict, int | None], dict], base_cfg: dict, patched: bool,
                chunks: int | None, threads: int, shares: tuple[float, ...] = SHARES,
-               log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+               only: list[Point] | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every point at every share: one quality run and one capped speed run each.
 
     ``trained`` / ``speed_bundle``: calibrated copies; ``q4k_*``: their Q4_K expert bytes; ``fixed_bytes``:
     what the speed cap holds besides the budget (non-expert weights + runtime allowance); ``worker(cfg,
-    cap)`` runs one configuration; ``base_cfg``: the speed runs' common worker settings.
+    cap)`` runs one configuration; ``base_cfg``: the speed runs' common worker settings; ``only``: these
+    points instead of :func:`points`.
     """
     from dymoe_gguf.bench.models import model_files
 
     rows = []
     for share in shares:
-        for p in points(patched):
+        for p in only if only is not None else points(patched):
             q_budget, s_budget = int(share * q4k_trained), int(share * q4k_speed)
             row: dict[str, Any] = {"label": p.label, "policy": p.policy, "options": p.options, "share": share}
             log(f"sweep {100 * share:.0f}%: {p.label}")
