@@ -1,9 +1,9 @@
 """Is the bench's tuned stock the best stock llama.cpp can do under the cap? An independent measurement.
 
     .venv/bin/python scripts/bench_stock.py MODEL.gguf --cap 242MiB [--tokens 64] [--threads 2] [--lib DIR]
-        [--rounds 2] [--json]
+        [--rounds 4] [--json]
 
-Runs, alternately and each in its own capped cgroup from a cold page cache (``--rounds`` times):
+Runs, alternately (ABBA order) and each in its own capped cgroup from a cold page cache (``--rounds`` times):
 
 * ``independent``: a standalone program on llama.cpp's C API only (llama_cpp's ctypes bindings, none of
   dymoe-gguf): ``use_extra_bufts = false`` (repack off), ``LLAMA_LOAD_MODE_MMAP``, and right after
@@ -80,7 +80,9 @@ steps = []
 for tok in feed:
     t = time.perf_counter(); decode([tok]); steps.append(time.perf_counter() - t)
 n = len(steps)
-print(json.dumps({'ok': True, 'tpot_s': statistics.median(steps), 'ttft_s': ttft, 'bytes_per_token': (io() - b1) / n,
+anon = next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith('RssAnon:'))
+print(json.dumps({'ok': True, 'tpot_s': statistics.median(steps), 'ttft_s': ttft, 'rssanon': anon,
+                  'bytes_per_token': (io() - b1) / n,
                   'major_faults_per_token': (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - f1) / n}))
 L.llama_free(ctx); L.llama_model_free(model)
 """
@@ -111,15 +113,17 @@ def main() -> None:
     ap.add_argument("--cap", required=True, help="memory cap, e.g. 242MiB")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--lib", type=Path, default=None, help="llama_cpp/lib of another build (e.g. a stock wheel)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     cap = parse_size(args.cap)
     runs: dict[str, list[dict]] = {"independent": [], "bench": []}
-    for _ in range(args.rounds):
-        runs["independent"].append(independent(args.model, cap, args.tokens, args.threads, args.lib))
-        runs["bench"].append(bench_tuned(args.model, cap, args.tokens, args.threads))
+    for i in range(args.rounds):  # ABBA order: a load that drifts during the run favours neither
+        order = ("independent", "bench") if i % 2 == 0 else ("bench", "independent")
+        for k in order:
+            runs[k].append(independent(args.model, cap, args.tokens, args.threads, args.lib) if k == "independent"
+                           else bench_tuned(args.model, cap, args.tokens, args.threads))
     summary = {}
     for k, rs in runs.items():
         ok = [r for r in rs if r.get("ok")]
@@ -127,6 +131,7 @@ def main() -> None:
                       "median_tpot_ms": round(1000 * statistics.median(r["tpot_s"] for r in ok), 1) if ok else None,
                       "mib_per_token": [round(r["bytes_per_token"] / 2**20, 1) for r in ok],
                       "faults_per_token": [round(r["major_faults_per_token"]) for r in ok],
+                      "rss_anon_mib": [round(r.get("rssanon", 0) / 2**20, 1) for r in ok],
                       "errors": [r.get("error") for r in rs if not r.get("ok")]}
     a, b = summary["independent"]["median_tpot_ms"], summary["bench"]["median_tpot_ms"]
     summary["bench_over_independent"] = round(b / a, 3) if a and b else None

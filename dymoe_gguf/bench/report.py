@@ -190,9 +190,10 @@ def render_markdown(result: dict) -> str:
     if rt:
         lines += ["", "## Routing statistics of the synthetic models", "",
                   "calibrate on data/calibration.txt (8 chunks of 256 tokens) and the controller's next-layer "
-                  "look-ahead recall on the same text; the trained model (models/tiny-moe, 8 experts top-2) "
-                  "measures 0.40 / 0.66 / 0.59 / 0.73 normalised entropy (0.10 / 0.49 / 0.39 / 0.60 above its "
-                  "floor) and 0.91 look-ahead recall.", ""] + rt
+                  "look-ahead recall on the same text. The trained model (models/tiny-moe, 8 experts top-2) "
+                  "measures 0.40 / 0.66 / 0.63 / 0.71 normalised entropy (0.10 / 0.49 / 0.45 / 0.56 above its "
+                  "floor), transition 0.65 / 0.81 / 0.69 and look-ahead recall 0.92 the same way "
+                  "(scripts/bench_routing.py, docs/BENCH.md).", ""] + rt
     for r in result.get("routings") or [None]:
         for share in result["cap_shares"] if r == primary else result["cap_shares"][:1]:
             lines += ["", f"## All configurations at cap {100 * share:.0f}% of the Q4_K model "

@@ -161,7 +161,7 @@ def measure_read_bandwidth(file: Path, nbytes: int, cap_bytes: int | None, *, re
 def prepare_throttle(files: list[Path], *, bps: int | None = None, iops: int | None = None) -> dict[str, Any]:
     """Set up a read throttle once, measure it, remove it: whether the runs can be throttled, and why not.
 
-    With a bandwidth limit, one second's worth (at ``bps``) of the largest file is read cold in 1 MiB
+    With a bandwidth limit, one second's worth (at ``bps``) of the largest file is read cold in 4 MiB
     ``pread``s; with an IOPS limit, up to one second's worth of single-page reads at random offsets, in a
     process in the throttle cgroup. The throttle fails when the bytes came from storage but did not pass
     the throttled disk, or clearly faster than the limit (judged only where the probe is long enough:

@@ -281,7 +281,7 @@ class ReadThrottle:
                 f.write(str(os.getpid()))
 
     def probe(self, path: str | Path, nbytes: int, *, random_4k: bool = False, timeout: float = 60.0) -> dict:
-        """Read ``nbytes`` of ``path`` cold in a process in this cgroup, sequentially in 1 MiB ``pread``s
+        """Read ``nbytes`` of ``path`` cold in a process in this cgroup, sequentially in 4 MiB ``pread``s
         or (``random_4k``) as single-page reads at random page offsets; what it took.
 
         Returns ``bytes``, ``storage_bytes`` (/proc/self/io read_bytes), ``cgroup_bytes`` and
@@ -319,7 +319,7 @@ class ReadThrottle:
 
 
 # Run in a child process (in a throttle / cap cgroup): drop the file from the page cache, read it, time it.
-# argv: path, bytes, "seq" (1 MiB preads from the start) | "rand" (4 KiB preads at distinct random pages,
+# argv: path, bytes, "seq" (4 MiB preads from the start) | "rand" (4 KiB preads at distinct random pages,
 # POSIX_FADV_RANDOM: no read-ahead, one I/O each); later arguments are ignored. Prints one JSON line:
 # bytes read, storage_bytes (/proc/self/io; None where unavailable), seconds, reads, bps, iops.
 PROBE = r"""
@@ -340,8 +340,9 @@ if mode == 'rand':
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     pages = random.Random(0).sample(range(size // 4096), min(size // 4096, max(1, n // 4096)))
     offs = [(p * 4096, 4096) for p in pages]
-else:
-    offs = [(o, min(1 << 20, n - o)) for o in range(0, min(n, size), 1 << 20)]
+else:  # sequential, with the kernel's read-ahead on (FADV_SEQUENTIAL doubles its window)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    offs = [(o, min(4 << 20, n - o)) for o in range(0, min(n, size), 4 << 20)]
 b0, t0, got = io(), time.perf_counter(), 0
 for off, ln in offs:
     got += len(os.pread(fd, ln, off))
