@@ -245,7 +245,8 @@ def test_run_bench_end_to_end_tiny(tmp_path):
     assert h["capped"] == (cgroup.why_unavailable() is None)
     assert all(r["ok"] for r in res["runs"]), [r.get("error") for r in res["runs"]]
     bw = res["read_bandwidth"]
-    assert bw["ok"] and bw["bps"] > 1e6 and bw["storage_bytes"] >= bw["bytes"] // 2  # a real cold read
+    assert bw["ok"] and bw["bps"] > 1e6  # a real cold read (where /proc/self/io says where the bytes came from)
+    assert bw["storage_bytes"] is None or bw["storage_bytes"] >= bw["bytes"] // 2
     assert h["bound_ratio"] > 0 and 0 < h["callback_share"] < 1
     assert res["routings"] == ["realistic"] and list(res["by_model"]) == ["realistic"]
     rs = res["routing"]["realistic"]  # calibrate + the controller's look-ahead recall on the model itself
