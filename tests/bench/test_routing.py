@@ -48,13 +48,13 @@ def _router(w: dict, layer: int) -> np.ndarray:
 
 
 def test_router_correlation_and_logit_scale():
-    c = dict(SMALL, n_layer=3, d=1024, n_expert=64, skew=0.0)
+    c = dict(SMALL, n_layer=3, d=512, ff=32, n_expert=32, skew=0.0)
     for rho in (0.0, 0.8):
         w = make_weights(SynthConfig(**c, router_corr=rho))
         got = np.corrcoef(_router(w, 1).ravel(), _router(w, 2).ravel())[0, 1]
         assert got == pytest.approx(rho, abs=0.02), (rho, got)
     w = make_weights(SynthConfig(**c, router_logit_std=1.5))
-    h = np.random.default_rng(1).standard_normal((500, 1024)).astype(np.float32)  # RMS-normalised hidden states
+    h = np.random.default_rng(1).standard_normal((500, 512)).astype(np.float32)  # RMS-normalised hidden states
     assert (h @ _router(w, 0).T).std() == pytest.approx(1.5, rel=0.05)
     with pytest.raises(ValueError):
         SynthConfig(**SMALL, router_corr=1.0)
