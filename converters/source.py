@@ -51,6 +51,8 @@ class SourceTensor:
     matrix: str | None = None  # "gate" | "up" | "down" for expert tensors
     # A GGUF source may pass a non-expert tensor through unchanged: (ggml type, raw bytes loader)
     raw: tuple[gguf.GGMLQuantizationType, Callable[[], np.ndarray]] | None = None
+    # ... and an expert's bytes in the source's own type: (ggml type, expert e -> raw bytes)
+    raw_expert: tuple[gguf.GGMLQuantizationType, Callable[[int], np.ndarray]] | None = None
 
     @property
     def is_expert(self) -> bool:
@@ -73,6 +75,7 @@ class Source:
     write_metadata: Callable[[gguf.GGUFWriter], None]
     fingerprint: str
     files: list[Path] = field(default_factory=list)
+    root: Path | None = None  # the directory or file the user named (the output must not replace it)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -147,7 +150,7 @@ def open_hf_dir(path: Path, *, kind: str = "hf-dir", ident: str | None = None) -
         write_hparams(spec, w, cfg, hp)
         write_tokenizer(w, path, hp.vocab_size)
 
-    return Source(kind, ident or str(path), spec, hp, tensors, write_metadata, fp, files)
+    return Source(kind, ident or str(path), spec, hp, tensors, write_metadata, fp, files, path)
 
 
 def _check_shape(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:

@@ -175,6 +175,19 @@ def write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> str
             kind = "bpe"
     else:
         raise SourceError(f"No tokenizer in {model_dir}: expected tokenizer.json or tokenizer.model")
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=vocab_size)
-    special.add_to_gguf(w, quiet=True)
+    # gguf's SpecialVocab reads these too (special tokens, chat template): a broken one is a clear error here
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "special_tokens_map.json"):
+        f = model_dir / name
+        if f.is_file():
+            try:
+                if not isinstance(json.loads(f.read_text(encoding="utf-8")), dict):
+                    raise ValueError("expected a JSON object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise SourceError(f"Invalid {name} in {model_dir}: {str(exc).splitlines()[0]}") from None
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=vocab_size)
+        special.add_to_gguf(w, quiet=True)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        raise SourceError(f"Cannot read the special tokens or chat template in {model_dir}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return kind

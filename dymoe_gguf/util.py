@@ -58,3 +58,9 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_error(path: str | os.PathLike[str], exc: OSError) -> str:
+    """One line for an ``OSError`` met while reading ``path``: what the system said, never "corrupt"."""
+    why = (exc.strerror or str(exc)).rstrip(".").lower()
+    return f"Cannot read {path}: {why}"

@@ -54,3 +54,21 @@ def bundle(tmp_path_factory, hf_model) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-moe"
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle(tmp_path_factory) -> Path:
+    """The shipped model (models/tiny-moe) converted with ``convert``'s default options, as the README does."""
+    from click.testing import CliRunner
+
+    from dymoe_gguf.cli import cli
+
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        pytest.skip("models/tiny-moe is not in this checkout")
+    out = tmp_path_factory.mktemp("shipped") / "tiny.dymoe"
+    res = CliRunner().invoke(cli, ["convert", str(SHIPPED_MODEL), "-o", str(out), "-q", "-t", "2"])
+    assert res.exit_code == 0, res.output
+    return out

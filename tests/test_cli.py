@@ -95,13 +95,19 @@ def test_interrupted_convert_leaves_no_bundle(tmp_path, hf_model):
         assert not out.exists()
         leftovers = list(tmp_path.glob(".out.partial-*"))
         if sig == signal.SIGKILL:  # nothing can clean up after SIGKILL: the partial dir is not a bundle
-            assert len(leftovers) == 1
+            assert len(leftovers) == 1 and (tmp_path / ".out.dymoe-lock").is_file()
             try:
                 BundleIndex(leftovers[0])
             except BundleError:
                 pass
             else:  # pragma: no cover
                 raise AssertionError("a killed conversion must not leave a valid bundle")
+            # the next conversion into this directory proves it dead (free lock, gone pid), removes it, says so
+            res = subprocess.run([sys.executable, "-m", "dymoe_gguf", "convert", str(hf_model("qwen3moe")), "-o",
+                                  str(tmp_path / "next"), "-q", "--tiers", "Q8_0"], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+            assert f"removed {leftovers[0]}, left by a killed conversion (pid {proc.pid})" in res.stderr
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["next"]
         else:
             assert leftovers == [], proc.stdout.read().decode()
             assert b"Traceback" not in proc.stdout.read()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -58,16 +59,76 @@ def make_eval_callback(fn: EvalCallback) -> Any:
     return low.ggml_backend_sched_eval_callback(fn)
 
 
+@functools.cache
+def _guarded_class() -> type:
+    from llama_cpp import Llama
+
+    class GuardedLlama(Llama):
+        """A ``Llama`` whose decodes hold a guard (``dymoe_gguf.runtime.guard.Guard``): one thread at a
+        time, none after close, and exceptions from the eval callback raised when the decode returns."""
+
+        _dymoe_guard: Any = None
+
+        def eval(self, tokens):  # noqa: ANN001, ANN201 - Llama's signature
+            with self._dymoe_guard.decoding():
+                n_tokens = self.n_tokens
+                try:
+                    super().eval(tokens)
+                    self._dymoe_guard.raise_pending()
+                except BaseException:
+                    self.n_tokens = n_tokens  # the failed batch is forgotten: its KV cells are rewritten
+                    raise
+
+        def sample(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            with self._dymoe_guard.decoding():
+                return super().sample(*args, **kwargs)
+
+        def embed(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            with self._dymoe_guard.decoding():
+                return super().embed(*args, **kwargs)
+
+    return GuardedLlama
+
+
+def retire(llm: Any, error: Exception) -> None:
+    """After ``llm.close()``: any further use of ``llm`` raises ``error`` (a new instance of its
+    type, same message) instead of reaching freed llama.cpp memory."""
+    kind, message = type(error), str(error)
+
+    class ClosedLlama:
+        def __getattribute__(self, name: str) -> Any:
+            if name in ("close", "__class__", "__dict__", "__repr__", "__del__"):
+                return object.__getattribute__(self, name)
+            raise kind(message)
+
+        def close(self) -> None:
+            """Already closed."""
+
+        def __del__(self) -> None:
+            pass
+
+        def __repr__(self) -> str:
+            return "<closed llama_cpp.Llama>"
+
+    llm.__dict__.clear()
+    llm.__class__ = ClosedLlama
+
+
 def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = None, no_populate: bool = False,
-               **kwargs: Any) -> Any:
+               guard: Any = None, **kwargs: Any) -> Any:
     """A ``llama_cpp.Llama`` with repack switched off (default) and an optional eval callback.
 
     ``cb_eval`` must be an object from :func:`make_eval_callback`, kept alive by the caller for the
     lifetime of the returned Llama. ``no_populate`` sets ``DYMOE_NO_POPULATE=1`` while loading: the
-    patched llama.cpp then maps the file without reading it all (stock builds ignore it). Other
-    keyword arguments go to ``Llama`` unchanged.
+    patched llama.cpp then maps the file without reading it all (stock builds ignore it). With a
+    ``guard`` the Llama is a guarded subclass (see :func:`_guarded_class`). Other keyword arguments
+    go to ``Llama`` unchanged.
     """
     from llama_cpp import Llama
+
+    cls = Llama
+    if guard is not None:
+        cls = _guarded_class()
 
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("use_mmap", True)
@@ -80,7 +141,10 @@ def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = N
         if no_populate:
             os.environ["DYMOE_NO_POPULATE"] = "1"
         try:
-            return Llama(model_path=str(model_path), **kwargs)
+            llm = cls(model_path=str(model_path), **kwargs)
+            if guard is not None:
+                llm._dymoe_guard = guard
+            return llm
         finally:
             if no_populate:
                 if old is None:

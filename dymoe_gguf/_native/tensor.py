@@ -1,7 +1,8 @@
 """``struct ggml_tensor`` (ggml.h of the pinned ggml 0.25.3) and what the runtime reads or changes in it.
 
-llama-cpp-python defines no such struct; the layout below is checked against ``sizeof == 336``
-and field offsets stated in DESIGN.md (type@0, ne@16, nb@48, op@80, src@152, data@248, name@256).
+llama-cpp-python defines no such struct. The layout below is ggml.h's on 64-bit platforms (type@0,
+ne@16, nb@48, op@80, src@152, data@248, name@256, sizeof 336); tests/native/test_tensor_layout.py
+checks every field the runtime touches against the loaded ggml library's own accessors.
 """
 
 from __future__ import annotations
@@ -103,3 +104,13 @@ def f32_array(ptr: int) -> np.ndarray:
     span = sum((n - 1) * b for n, b in zip(ne, nb)) + 4
     buf = (ctypes.c_char * span).from_address(int(t.data))
     return np.ndarray(tuple(ne), dtype=np.float32, buffer=buf, strides=tuple(nb))
+
+
+def f32_weight(ptr: int) -> np.ndarray:
+    """Copy of a 1-D or 2-D F32 weight tensor (``[ne1, ne0]``, or ``[ne0]``); ValueError otherwise."""
+    t = tensor_at(ptr)
+    if t.type != 0:  # GGML_TYPE_F32
+        raise ValueError("expected an F32 weight")
+    ne0, ne1 = int(t.ne[0]), int(t.ne[1])
+    buf = np.ctypeslib.as_array((ctypes.c_float * (ne0 * ne1)).from_address(int(t.data)))
+    return np.array(buf, dtype=np.float32).reshape(ne1, ne0) if ne1 > 1 else np.array(buf, dtype=np.float32)

@@ -41,6 +41,11 @@ BASE_EXPERT_TENSOR = "blk.{layer}.ffn_{matrix}_exps.weight"
 SIDECAR_EXPERT_TENSOR = "blk.{layer}.ffn_{matrix}_exps.{expert}"
 BASE_NAME_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 SIDECAR_NAME_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)$")
+# Every name a bundle directory may hold: its files, and atomic_file's temporary names for them.
+BUNDLE_ENTRY_RE = re.compile(r"^\.?(model|calibration|experts\.[A-Z0-9_]+)\.gguf(\.[\w]+\.tmp)?$")
+# Per-tensor checksums: xxh3 (64-bit) of each tensor's bytes, in tensor-table order. A fast
+# non-cryptographic hash: it detects corruption (bit flips, torn writes), not tampering.
+CHECKSUM_ALGO = "xxh3_64"
 
 
 def base_expert_name(layer: int, matrix: str) -> str:
@@ -88,6 +93,8 @@ class Key:
     SOURCE_FINGERPRINT = "dymoe.source.fingerprint"  # sha256 of config + tensor table
     CONVERTER_VERSION = "dymoe.converter_version"
     IMATRIX = "dymoe.imatrix"  # sha256 of the importance matrix used, "" if none
+    CHECKSUM_ALGO = "dymoe.checksum.algo"  # "xxh3_64"
+    CHECKSUMS = "dymoe.checksums"  # uint64 array: checksum of each tensor's bytes, tensor-table order
 
 
 class Tier(enum.Enum):

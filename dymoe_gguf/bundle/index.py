@@ -1,14 +1,16 @@
 """The bundle index: (layer, matrix, expert, tier) -> file, byte offset, length, type, shape.
 
-Built on ``gguf.GGUFReader`` (header and tensor table only; data stays on disk). Opening a bundle
-validates it: format version, the bundle id linking base and sidecars, that every expert exists in
-every tier with the base's shape, 16 KiB alignment, a constant per-layer stride, and file sizes.
+Built from each file's header and tensor table (:mod:`dymoe_gguf.bundle.header`; data stays on
+disk). Opening a bundle validates it: format version, roles, the bundle id linking base and
+sidecars, that every expert exists in every tier with the base's shape, 16 KiB alignment, a
+constant per-layer stride, and file sizes.
 
-``GGUFReader`` parses every metadata field, the tokenizer's vocabulary included (seconds for a
-150k-token vocabulary, a third of a second for the bench's 4k one) — time a user waits before the
-first token. So the validated index is cached (``~/.cache/dymoe-gguf/index``; override with
-``DYMOE_INDEX_CACHE``, empty to switch it off), keyed by the bundle's path and each file's size, mtime and inode: the
-converter writes files under a temporary name and renames them, so any change gives a new key.
+The header reader steps over the tokenizer's vocabulary without decoding it (``gguf.GGUFReader``
+decodes every token: 4–6 s for a 50k-token vocabulary here, against 0.1 s). The validated index is
+also cached (``~/.cache/dymoe-gguf/index``; override with ``DYMOE_INDEX_CACHE``, empty to switch it
+off), keyed by the bundle's path and, per file, its size and an xxh3 hash of its header (metadata
+and tensor table: everything the index is built from). A file rewritten in place — even with its
+mtime restored — has another header (its ``dymoe.bundle_id`` at least) and so another key.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
+import xxhash
 from gguf import GGMLQuantizationType as QT
 
 from dymoe_gguf.bundle.format import (
     BASE_FILE,
+    BUNDLE_ENTRY_RE,
     FORMAT_VERSION,
     MATRICES,
     SIDECAR_NAME_RE,
@@ -34,9 +37,13 @@ from dymoe_gguf.bundle.format import (
     aligned,
     base_expert_name,
     parse_tier,
+    row_bytes,
+    sidecar_expert_name,
+    sidecar_file,
 )
-from dymoe_gguf.errors import BundleError
-from dymoe_gguf.util import atomic_file
+from dymoe_gguf.bundle.header import Header, HeaderError, open_no_readahead, read_header
+from dymoe_gguf.errors import BundleError, DymoeError
+from dymoe_gguf.util import atomic_file, read_error
 
 
 @dataclass(frozen=True)
@@ -78,26 +85,62 @@ class BaseTensor:
     shape: tuple[int, ...]  # numpy order
 
 
-def _open(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
+def _read(path: Path) -> Header:
+    """``path``'s metadata (the vocabulary skipped, not decoded) and tensor table."""
+    if not path.exists():
         raise BundleError(f"Bundle file {path.name} is missing from {path.parent}")
+    if not path.is_file():
+        raise BundleError(f"Bundle file {path} is not a file")
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as exc:
-        raise BundleError(f"Corrupt or truncated {path.name}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return read_header(path, None, tensors=True, skip=("tokenizer.",))
+    except OSError as exc:
+        raise BundleError(read_error(path, exc)) from None
+    except HeaderError as exc:
+        raise BundleError(f"Corrupt or truncated {path.name}: {exc}") from None
 
 
-def _get(reader: gguf.GGUFReader, key: str, path: Path) -> object:
-    f = reader.get_field(key)
-    if f is None:
+def _get(head: Header, key: str, path: Path) -> object:
+    if key not in head.values:
         raise BundleError(f"{path.name} is not a dymoe-gguf bundle file: key {key} is missing "
                           "(convert the model with `dymoe-gguf convert`)")
-    return f.contents()
+    return head.values[key]
+
+
+def _tensors(head: Header, path: Path) -> list[BaseTensor]:
+    """The tensor table with absolute offsets and byte sizes."""
+    out = []
+    assert head.data_start is not None
+    for t in head.tensors:
+        try:
+            qtype = QT(t.ggml_type)
+            rows = int(np.prod(t.ne[1:], dtype=np.int64))
+            nbytes = rows * row_bytes(qtype, t.ne[0])
+        except ValueError as exc:
+            raise BundleError(f"Corrupt {path.name}: tensor {t.name}: {exc}") from None
+        out.append(BaseTensor(t.name, head.data_start + t.offset, nbytes, qtype, tuple(reversed(t.ne))))
+    return out
+
+
+def _hparams(head: Header, arch: str) -> dict[str, int | bool]:
+    """The model hyper-parameters memory estimates and ``inspect`` need, from the base file's metadata."""
+    def num(key: str, default: int) -> int:
+        v = head.values.get(f"{arch}.{key}")
+        if isinstance(v, (np.ndarray, list)):  # per-layer values (some architectures): the largest
+            v = max((x for x in np.asarray(v).reshape(-1).tolist() if isinstance(x, (int, float))), default=None)
+        return int(v) if isinstance(v, (int, float)) else default
+
+    n_head, n_embd = num("attention.head_count", 0), num("embedding_length", 0)
+    head_dim = n_embd // n_head if n_head else 0
+    return {"n_layer": num("block_count", 0), "n_embd": n_embd, "n_head": n_head,
+            "n_head_kv": num("attention.head_count_kv", n_head), "key_length": num("attention.key_length", head_dim),
+            "value_length": num("attention.value_length", head_dim), "context_length": num("context_length", 0),
+            "n_expert_used": num("expert_used_count", 0),
+            "n_vocab": head.array_lengths.get("tokenizer.ggml.tokens", 0),
+            "chat_template": "tokenizer.chat_template" in head.value_offsets}
 
 
 log = logging.getLogger(__name__)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _cache_dir() -> Path | None:
@@ -107,11 +150,13 @@ def _cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "dymoe-gguf" / "index"
 
 
-def _signature(paths: list[Path]) -> list[tuple[str, int, int, int]]:
+def _signature(paths: list[Path], header_bytes: list[int]) -> list[tuple[str, int, int, int]]:
+    """Per file: name, size, header length and the xxh3 of the header's bytes."""
     out = []
-    for p in paths:
-        st = p.stat()
-        out.append((p.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    for p, n in zip(paths, header_bytes):
+        with open_no_readahead(p, buffering=0) as f:  # the header only: no read-ahead into the experts
+            size = os.fstat(f.fileno()).st_size
+            out.append((p.name, size, n, xxhash.xxh3_64_intdigest(f.read(n))))
     return out
 
 
@@ -121,7 +166,12 @@ class BundleIndex:
     def __init__(self, root: Path, use_cache: bool = True) -> None:
         root = Path(root)
         if root.is_file() and root.name.endswith(".gguf"):
+            if not (BUNDLE_ENTRY_RE.match(root.name) and (root.parent / BASE_FILE).is_file()):
+                raise BundleError(f"{root} is a GGUF file, not a bundle: make one with "
+                                  f"`dymoe-gguf convert {root} -o {root.stem}.dymoe`")
             root = root.parent
+        if root.exists() and not root.is_dir():
+            raise BundleError(f"Bundle {root} is a file, not a bundle directory written by `dymoe-gguf convert`")
         if not root.is_dir():
             raise BundleError(f"Bundle {root} does not exist: expected a directory written by `dymoe-gguf convert`")
         root = root.resolve()  # cached paths must not depend on the working directory
@@ -139,7 +189,9 @@ class BundleIndex:
         try:
             with open(cache, "rb") as f:
                 version, sig, state = pickle.load(f)
-            if version != _CACHE_VERSION or _signature([self.root / name for name, *_ in sig]) != sig:
+            if version != _CACHE_VERSION:
+                return False
+            if _signature([self.root / name for name, *_ in sig], [n for _name, _size, n, _h in sig]) != sig:
                 return False
             if sig[0][0] != BASE_FILE:
                 return False
@@ -152,7 +204,8 @@ class BundleIndex:
 
     def _store_cached(self, cache: Path) -> None:
         try:
-            sig = _signature([self.base_path, *self.tier_paths.values()])
+            paths = [self.base_path, *self.tier_paths.values()]
+            sig = _signature(paths, [self._header_bytes[p.name] for p in paths])
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(cache) as tmp, open(tmp, "wb") as f:
                 pickle.dump((_CACHE_VERSION, sig, self.__dict__), f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -162,26 +215,39 @@ class BundleIndex:
     # ------------------------------------------------------------------ building
     def _build(self, root: Path) -> None:
         self.base_path = root / BASE_FILE
-        base = _open(self.base_path)
+        base = _read(self.base_path)
+        self._header_bytes = {BASE_FILE: int(base.data_start or 0)}
         version = _get(base, Key.FORMAT_VERSION, self.base_path)
         if version != FORMAT_VERSION:
             raise BundleError(f"Bundle format {version} is not supported: expected {FORMAT_VERSION}; "
                               "re-convert with this version of dymoe-gguf")
+        if _get(base, Key.ROLE, self.base_path) != "base":
+            raise BundleError(f"{BASE_FILE} is not a bundle's base file ({Key.ROLE} is "
+                              f"{_get(base, Key.ROLE, self.base_path)!r}): was a sidecar renamed?")
         self.bundle_id = str(_get(base, Key.BUNDLE_ID, self.base_path))
         self.arch = str(_get(base, "general.architecture", self.base_path))
-        self.base_tier = parse_tier(str(_get(base, Key.BASE_TIER, self.base_path)))
-        self.tiers = tuple(parse_tier(str(t)) for t in _get(base, Key.TIERS, self.base_path))  # type: ignore[union-attr]
-        tier_files = [str(t) for t in _get(base, Key.TIER_FILES, self.base_path)]  # type: ignore[union-attr]
-        self.n_layer = int(_get(base, Key.N_LAYER, self.base_path))  # type: ignore[arg-type]
-        self.n_expert = int(_get(base, Key.N_EXPERT, self.base_path))  # type: ignore[arg-type]
-        self.moe_layers = tuple(int(x) for x in _get(base, Key.MOE_LAYERS, self.base_path))  # type: ignore[union-attr]
-        self.alignment = int(_get(base, Key.EXPERT_ALIGNMENT, self.base_path))  # type: ignore[arg-type]
+        try:
+            self.base_tier = parse_tier(str(_get(base, Key.BASE_TIER, self.base_path)))
+            self.tiers = tuple(parse_tier(str(t)) for t in _get(base, Key.TIERS, self.base_path))  # type: ignore[union-attr]
+            tier_files = [str(t) for t in _get(base, Key.TIER_FILES, self.base_path)]  # type: ignore[union-attr]
+            self.n_layer = int(_get(base, Key.N_LAYER, self.base_path))  # type: ignore[arg-type]
+            self.n_expert = int(_get(base, Key.N_EXPERT, self.base_path))  # type: ignore[arg-type]
+            self.moe_layers = tuple(int(x) for x in _get(base, Key.MOE_LAYERS, self.base_path))  # type: ignore[union-attr]
+            self.alignment = int(_get(base, Key.EXPERT_ALIGNMENT, self.base_path))  # type: ignore[arg-type]
+        except (DymoeError, TypeError, ValueError) as exc:
+            raise BundleError(f"Corrupt {BASE_FILE}: bad dymoe metadata ({exc})") from None
+        if ([sidecar_file(t) for t in self.tiers] != tier_files or not self.tiers or self.n_expert < 1
+                or self.alignment < 1 or not all(0 <= layer < self.n_layer for layer in self.moe_layers)):
+            raise BundleError(f"Corrupt {BASE_FILE}: inconsistent dymoe metadata (tiers {list(self.tiers)}, "
+                              f"files {tier_files}, {self.n_expert} experts, MoE layers {list(self.moe_layers)} of "
+                              f"{self.n_layer})")
         self.source = {"kind": _get(base, Key.SOURCE_KIND, self.base_path),
                        "id": _get(base, Key.SOURCE_ID, self.base_path),
                        "fingerprint": _get(base, Key.SOURCE_FINGERPRINT, self.base_path)}
-        self.base_tensors = {t.name: BaseTensor(t.name, int(t.data_offset), int(t.n_bytes), QT(t.tensor_type),
-                                                tuple(int(x) for x in reversed(t.shape.tolist())))
-                             for t in base.tensors}
+        self.hparams = _hparams(base, self.arch)
+        algo = base.values.get(Key.CHECKSUM_ALGO)
+        self.checksum_algo = str(algo) if algo is not None else None
+        self.base_tensors = {t.name: t for t in _tensors(base, self.base_path)}
         self._check_size(self.base_path, self.base_tensors.values())
         self.tier_paths = {tier: root / name for tier, name in zip(self.tiers, tier_files)}
         self._slices: dict[tuple[int, str, int, Tier], ExpertSlice] = {}
@@ -191,22 +257,22 @@ class BundleIndex:
         self._views = {(lay, m, t): self._make_view(lay, m, t)
                        for lay in self.moe_layers for m in MATRICES for t in self.tiers}
 
-    # ------------------------------------------------------------------ building
     def _index_sidecar(self, tier: Tier, path: Path) -> None:
-        r = _open(path)
+        r = _read(path)
+        self._header_bytes[path.name] = int(r.data_start or 0)
         if _get(r, Key.BUNDLE_ID, path) != self.bundle_id:
             raise BundleError(f"{path.name} does not belong to this bundle (bundle id differs from "
                               f"{BASE_FILE}): it comes from another conversion; re-convert the bundle")
         if _get(r, Key.ROLE, path) != "tier" or parse_tier(str(_get(r, Key.TIER, path))) != tier:
             raise BundleError(f"{path.name} does not hold tier {tier.name}")
         ends = []
-        for t in r.tensors:
+        for t in _tensors(r, path):
             m = SIDECAR_NAME_RE.match(t.name)
-            if not m:
-                raise BundleError(f"{path.name}: unexpected tensor {t.name}")
+            if not m or len(t.shape) != 2:
+                raise BundleError(f"{path.name}: unexpected tensor {t.name} {list(t.shape)}")
             layer, matrix, expert = int(m.group(1)), m.group(2), int(m.group(3))
-            s = ExpertSlice(layer, matrix, expert, tier, path, int(t.data_offset), int(t.n_bytes),
-                            QT(t.tensor_type), (int(t.shape[1]), int(t.shape[0])))
+            s = ExpertSlice(layer, matrix, expert, tier, path, t.offset, t.nbytes, t.ggml_type,
+                            (t.shape[0], t.shape[1]))
             if s.offset % self.alignment:
                 raise BundleError(f"{path.name}: {t.name} is not {self.alignment}-byte aligned")
             self._slices[(layer, matrix, expert, tier)] = s
@@ -264,6 +330,16 @@ class BundleIndex:
         out = np.zeros((self.n_layer, self.n_expert, len(self.tiers)), dtype=np.int64)
         for (layer, _m, e, tier), s in self._slices.items():
             out[layer, e, self.tiers.index(tier)] += s.nbytes
+        return out
+
+    def file_tensors(self) -> dict[Path, list[tuple[str, int, int]]]:
+        """Per file (base first), ``(name, offset, nbytes)`` of each tensor in tensor-table order."""
+        out: dict[Path, list[tuple[str, int, int]]] = {
+            self.base_path: [(t.name, t.offset, t.nbytes) for t in self.base_tensors.values()]}
+        for path in self.tier_paths.values():
+            out[path] = []
+        for (layer, matrix, expert, _tier), s in self._slices.items():  # inserted in each file's table order
+            out[s.file].append((sidecar_expert_name(layer, matrix, expert), s.offset, s.nbytes))
         return out
 
     def tier_file_bytes(self) -> dict[str, int]:

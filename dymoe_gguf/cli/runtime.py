@@ -1,4 +1,5 @@
-"""Commands that run a bundle: ``run``, ``eval``, ``calibrate``, and the runtime options they share."""
+"""Commands that run a bundle: ``run``, ``eval``, ``calibrate``, and the options they (and ``chat``,
+``serve``) share."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from dymoe_gguf.cli._app import CONTEXT, cli, emit, errors
+from dymoe_gguf.cli._app import CONTEXT, cli, emit, errors, log_options, quiet
 from dymoe_gguf.runtime.config import MODE_CHOICES, POLICY_CHOICES
 from dymoe_gguf.runtime.decide.depth import DEPTH_KINDS
 
@@ -21,7 +22,8 @@ def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--policy", default="dymoe", show_default=True,
                      help=" | ".join(POLICY_CHOICES) + " (see README)"),
         click.option("--budget", default=None, metavar="SIZE",
-                     help="Resident expert bytes: 2GiB, 512MiB, or a share of RAM such as 40%. Default: unlimited."),
+                     help="Resident expert bytes: 2GiB, 512MiB, a share of RAM such as 40%, or auto (free RAM minus "
+                          "dense weights, KV cache and a margin). Default: unlimited."),
         click.option("--lookahead", type=click.IntRange(0, 8), default=1, show_default=True,
                      help="Layers predicted ahead for prefetch (0 = off)."),
         click.option("--skip", "skip_threshold", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -50,26 +52,107 @@ def _policy_kwargs(policy: str, budget: str | None, lookahead: int, skip_thresho
             "depth": depth, "pins": pin_map, "mode": mode}
 
 
-@cli.command(context_settings=CONTEXT)
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("-n", "--n-tokens", type=click.IntRange(1, 1_000_000), default=64, show_default=True)
-@click.option("-t", "--threads", type=click.IntRange(1, 512), help="Threads [default: llama.cpp's].")
-@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
-@_policy_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (text and stats).")
-@errors
-def run(bundle: Path, prompt: str, n_tokens: int, threads: int | None, ctx: int, as_json: bool,
-        **policy: Any) -> None:
-    """Generate text from BUNDLE under a policy; print the text, then the controller's stats."""
-    from dymoe_gguf.runtime.session import generate
+def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """llama-cli's sampling flags (``run``, ``chat``); greedy unless ``--temp`` is above 0."""
+    opts = [
+        click.option("--temp", "temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Temperature (0 = greedy)."),
+        click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="Top-k (0 = off)."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="1.0 = off."),
+        click.option("--seed", type=int, default=-1, show_default=True, help="Sampling seed (-1 = random)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
 
-    res = generate(bundle, prompt, n_tokens=n_tokens, n_threads=threads, n_ctx=ctx, **_policy_kwargs(**policy))
-    if as_json:
-        emit(res, True, "")
-        return
-    click.echo(prompt + res["text"])
-    click.echo(json.dumps(res["stats"]))
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """BUNDLE, or ``-m/--model`` as llama.cpp's tools take it; ``-c/--ctx``; ``-t/--threads``."""
+    opts = [
+        click.argument("bundle", required=False, type=click.Path(path_type=Path)),
+        click.option("-m", "--model", type=click.Path(path_type=Path), help="The bundle (instead of BUNDLE)."),
+        click.option("-c", "--ctx", type=click.IntRange(0, 1 << 24), default=0,
+                     help="Context size in tokens [default: 0 = the model's training context]."),
+        click.option("-t", "--threads", type=click.IntRange(1, 512), help="Threads [default: llama.cpp's]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def the_bundle(bundle: Path | None, model: Path | None) -> Path:
+    """The bundle given as BUNDLE or ``-m``, exactly once."""
+    if bundle is not None and model is not None and bundle != model:
+        raise click.ClickException(f"Two bundles given ({bundle} and -m {model}): pass one")
+    if bundle is None and model is None:
+        raise click.ClickException("Missing the bundle: pass BUNDLE or -m/--model BUNDLE")
+    return bundle if bundle is not None else model  # type: ignore[return-value]
+
+
+def pop_sampling(opts: dict[str, Any]) -> Any:
+    """Take the flags of :func:`sampling_options` out of ``opts``: a
+    :class:`~dymoe_gguf.runtime.session.Sampling`."""
+    from dymoe_gguf.runtime.session import Sampling
+
+    seed = opts.pop("seed")
+    return Sampling(temperature=opts.pop("temperature"), top_k=opts.pop("top_k"), top_p=opts.pop("top_p"),
+                    min_p=opts.pop("min_p"), repeat_penalty=opts.pop("repeat_penalty"),
+                    seed=None if seed < 0 else seed)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise click.ClickException("Give the prompt once: -p TEXT or -f FILE, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise click.ClickException(f"Cannot read the prompt file {prompt_file}: {reason}") from None
+    if prompt is None:
+        raise click.ClickException("Missing the prompt: pass -p TEXT or -f FILE")
+    return prompt
+
+
+@cli.command(context_settings=CONTEXT)
+@model_options
+@click.option("-p", "--prompt", help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), help="Read the prompt from FILE.")
+@click.option("-n", "--n-tokens", type=click.IntRange(-1, 1_000_000), default=64, show_default=True,
+              help="Tokens to generate (-1: until the end of generation or of the context).")
+@sampling_options
+@_policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (text, timings and stats) instead of streaming.")
+@click.option("--stats", "show_stats", is_flag=True, help="Also print the controller's full stats (JSON, stderr).")
+@log_options
+@errors
+def run(bundle: Path | None, model: Path | None, ctx: int, threads: int | None, prompt: str | None,
+        prompt_file: Path | None, n_tokens: int, as_json: bool, show_stats: bool, **opts: Any) -> None:
+    """Generate text from BUNDLE under a policy, streamed; a summary follows on stderr."""
+    from dymoe_gguf.runtime.session import Session
+
+    path = the_bundle(bundle, model)
+    text = _read_prompt(prompt, prompt_file)
+    sampling = pop_sampling(opts)
+    with Session.open(path, n_ctx=ctx, n_threads=threads, **_policy_kwargs(**opts)) as s:
+        if as_json:
+            out = "".join(s.complete(text, max_tokens=n_tokens, sampling=sampling))
+            stats = s.stats()
+            stats.pop("tiers_by_layer", None)
+            emit({"text": out, "n_ctx": s.n_ctx, "timings": s.timings.to_dict(), "stats": stats}, True, "")
+            return
+        pieces = s.complete(text, max_tokens=n_tokens, sampling=sampling)  # a prompt too long fails here
+        click.echo(text, nl=False)
+        for piece in pieces:
+            click.echo(piece, nl=False)  # echo flushes: tokens appear as they are generated
+        click.echo()
+        if not quiet():
+            click.echo(s.summary(), err=True)
+        if show_stats:
+            click.echo(json.dumps(s.stats()), err=True)
 
 
 @cli.command("eval", context_settings=CONTEXT)

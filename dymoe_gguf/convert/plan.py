@@ -23,10 +23,28 @@ from dymoe_gguf.bundle.format import (
 from dymoe_gguf.converters import Source, SourceTensor
 from dymoe_gguf.errors import DymoeError
 
-# llama.cpp's own fallbacks (llama-quant.cpp) when a row length is not a multiple of 256.
+# llama.cpp's own fallbacks (llama-quant.cpp) when a row length is not a multiple of the block size.
 _FALLBACK = {QT.Q2_K: QT.IQ4_NL, QT.Q3_K: QT.IQ4_NL, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1,
-             QT.Q6_K: QT.Q8_0, QT.Q8_0: QT.F16, QT.IQ4_NL: QT.F16, QT.Q5_0: QT.F16, QT.Q5_1: QT.F16}
-_ALWAYS_F32 = re.compile(r"(_norm|\.bias$|ffn_gate_inp)")  # norms, biases, routers
+             QT.Q6_K: QT.Q8_0, QT.Q8_0: QT.F16, QT.IQ4_NL: QT.F16, QT.Q5_0: QT.F16, QT.Q5_1: QT.F16,
+             QT.IQ2_XXS: QT.IQ4_NL, QT.IQ2_XS: QT.IQ4_NL, QT.IQ2_S: QT.IQ4_NL, QT.IQ3_XXS: QT.IQ4_NL,
+             QT.IQ3_S: QT.IQ4_NL, QT.IQ1_S: QT.IQ4_NL, QT.IQ1_M: QT.IQ4_NL, QT.IQ4_XS: QT.IQ4_NL,
+             QT.TQ1_0: QT.IQ4_NL, QT.TQ2_0: QT.IQ4_NL, QT.Q4_0: QT.F16, QT.Q4_1: QT.F16, QT.MXFP4: QT.F16}
+# Types a weight may be stored in (llama-quantize's choices): ggml quantizes them and llama.cpp's CPU
+# backend multiplies and looks up rows with them. Q8_1/Q8_K (activation types only), the integer
+# types and F64 are not weight types.
+WEIGHT_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K,
+                QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ1_S, QT.IQ1_M, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS,
+                QT.IQ3_S, QT.IQ4_NL, QT.IQ4_XS, QT.TQ1_0, QT.TQ2_0, QT.MXFP4)
+# ggml_quantize_requires_imatrix (ggml.c): quantizing these without an importance matrix aborts.
+NEEDS_IMATRIX = (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ1_S)
+_ALWAYS_F32 = re.compile(r"(_norm|\.bias$|ffn_gate_inp|exp_probs_b|rope_freqs)")  # norms, biases, routers
+_FULL = (QT.F32, QT.F16, QT.BF16)
+
+
+def type_bits(qtype: QT) -> float:
+    """Bits per weight of a ggml type (gguf's block size table)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return 8 * size / block
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,7 @@ class TensorPlan:
     source: SourceTensor
     wanted: QT | None = None  # the type asked for, when a fallback replaced it
     expert: int | None = None  # sidecar tensors: which expert of source
+    reuse: bool = False  # experts: copy the source's own bytes (a quantized source of this very type)
 
     @property
     def n_in(self) -> int:
@@ -68,6 +87,8 @@ class ConvertPlan:
     tiers: tuple[Tier, ...]
     files: tuple[FilePlan, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+    file_sizes: tuple[int, ...] | None = None  # exact sizes, once the headers are known (run.py)
 
     @property
     def base(self) -> FilePlan:
@@ -75,8 +96,10 @@ class ConvertPlan:
 
     @property
     def total_bytes(self) -> int:
-        # data plus a generous allowance for headers (token lists of big vocabularies)
-        return sum(f.data_bytes for f in self.files) + len(self.files) * 8 * 2**20
+        """Exact bytes of the bundle when the headers are known; else its tensor data alone."""
+        if self.file_sizes is not None:
+            return sum(self.file_sizes)
+        return sum(f.data_bytes for f in self.files)
 
     def to_dict(self) -> dict:
         return {
@@ -84,11 +107,12 @@ class ConvertPlan:
             "tiers": [t.name for t in self.tiers],
             "files": [{
                 "name": f.name, "role": f.role, "tier": f.tier.name, "n_tensors": len(f.tensors),
-                "bytes": f.data_bytes,
+                "bytes": f.data_bytes if self.file_sizes is None else self.file_sizes[i],
                 "types": _type_counts(f),
-            } for f in self.files],
+            } for i, f in enumerate(self.files)],
             "total_bytes": self.total_bytes,
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
 
 
@@ -121,10 +145,13 @@ def parse_overrides(specs: tuple[str, ...] | list[str]) -> list[tuple[re.Pattern
         if "=" not in spec:
             raise DymoeError(f"Expected --tensor-type PATTERN=TYPE, got {spec!r}")
         pattern, _, tname = spec.rpartition("=")
-        try:
-            qtype = QT[tname.strip().upper()]
-        except KeyError:
-            raise DymoeError(f"Expected a ggml type name in --tensor-type, got {tname!r}") from None
+        qtype = getattr(QT, tname.strip().upper(), None)
+        if qtype not in WEIGHT_TYPES:
+            valid = ", ".join(q.name for q in WEIGHT_TYPES)
+            what = "is not a type llama.cpp can store weights in" if qtype is not None else "is not a ggml type"
+            raise DymoeError(f"--tensor-type {spec!r}: {tname.strip()!r} {what}; expected one of {valid}")
+        if not pattern:
+            raise DymoeError(f"Expected --tensor-type PATTERN=TYPE with a non-empty PATTERN, got {spec!r}")
         try:
             out.append((re.compile(pattern), qtype))
         except re.error as exc:
@@ -140,12 +167,22 @@ def _default_type(name: str, ndim: int, base_tier: Tier) -> QT:
 
 
 def make_plan(source: Source, base_tier: Tier, tiers: tuple[Tier, ...],
-              overrides: list[tuple[re.Pattern[str], QT]] | None = None) -> ConvertPlan:
-    """Decide every output tensor's type and size."""
-    notes: list[str] = []
-    fallbacks: dict[tuple[str, str], int] = {}
+              overrides: list[tuple[re.Pattern[str], QT]] | None = None, reuse_source: bool = True) -> ConvertPlan:
+    """Decide every output tensor's type and size.
 
-    def choose(name: str, shape: tuple[int, ...], wanted: QT) -> tuple[QT, QT | None]:
+    Overrides apply to non-expert matrices only: norms, routers, biases and 1-D tensors stay as
+    they are. Experts of a quantized GGUF source are copied byte for byte into every file whose type
+    is the source's own (``reuse_source``), and re-quantized from their dequantized values otherwise.
+    """
+    overrides = overrides or []
+    notes: list[str] = []
+    warnings: list[str] = []
+    fallbacks: dict[tuple[str, str], int] = {}
+    applied, kept = [0] * len(overrides), [0] * len(overrides)
+    above: dict[tuple[str, str], int] = {}
+    reused: dict[str, set[str]] = {}
+
+    def choose(shape: tuple[int, ...], wanted: QT) -> tuple[QT, QT | None]:
         got = fit_type(wanted, shape[-1])
         if got != wanted:
             key = (f"{wanted.name} -> {got.name}", f"rows of {shape[-1]} values")
@@ -153,17 +190,40 @@ def make_plan(source: Source, base_tier: Tier, tiers: tuple[Tier, ...],
             return got, wanted
         return got, None
 
+    def non_expert_type(t: SourceTensor) -> QT:
+        default = t.raw[0] if t.raw is not None else _default_type(t.name, len(t.shape), base_tier)
+        hit = next((i for i, (rx, _q) in enumerate(overrides) if rx.search(t.name)), None)
+        if hit is None:
+            return default
+        if len(t.shape) == 1 or _ALWAYS_F32.search(t.name):
+            kept[hit] += 1
+            return default
+        applied[hit] += 1
+        wanted = overrides[hit][1]
+        if t.load is None and t.raw is not None and wanted != t.raw[0]:
+            raise DymoeError(f"Cannot retype {t.name}: the source stores it as {t.raw[0].name}, "
+                             "which cannot be dequantized")
+        return wanted
+
+    def expert_plan(t: SourceTensor, file: str, tier: Tier, shape: tuple[int, ...]) -> tuple[QT, QT | None, bool]:
+        qtype, fell = choose(shape, tier.ggml_type)
+        src = t.raw_expert[0] if t.raw_expert is not None else None
+        if src is not None and src not in _FULL and type_bits(qtype) > type_bits(src):
+            key = (f"{tier.name} ({type_bits(qtype):.2f} bits)", f"{src.name} ({type_bits(src):.2f} bits)")
+            above[key] = above.get(key, 0) + 1
+        reuse = reuse_source and src == qtype
+        if reuse:
+            reused.setdefault(qtype.name, set()).add(file)
+        return qtype, fell, reuse
+
     base: list[TensorPlan] = []
     for t in source.tensors:
         if t.is_expert:
-            wanted = base_tier.ggml_type
+            qtype, fell, reuse = expert_plan(t, BASE_FILE, base_tier, t.shape)
         else:
-            wanted = next((q for rx, q in overrides or [] if rx.search(t.name)), None) or (
-                t.raw[0] if t.raw is not None and t.load is None else _default_type(t.name, len(t.shape), base_tier))
-            if t.load is None and t.raw is not None and wanted != t.raw[0]:
-                raise DymoeError(f"Cannot retype {t.name}: the source stores it as {t.raw[0].name}")
-        qtype, fell = choose(t.name, t.shape, wanted)
-        base.append(TensorPlan(t.name, t.shape, qtype, tensor_bytes(qtype, t.shape), t, fell))
+            qtype, fell = choose(t.shape, non_expert_type(t))
+            reuse = False
+        base.append(TensorPlan(t.name, t.shape, qtype, tensor_bytes(qtype, t.shape), t, fell, reuse=reuse))
     files = [FilePlan(BASE_FILE, "base", base_tier, tuple(base))]
     for tier in tiers:
         side: list[TensorPlan] = []
@@ -171,14 +231,29 @@ def make_plan(source: Source, base_tier: Tier, tiers: tuple[Tier, ...],
             if not t.is_expert:
                 continue
             shape2 = t.shape[1:]
-            qtype, fell = choose(t.name, shape2, tier.ggml_type)
+            qtype, fell, reuse = expert_plan(t, sidecar_file(tier), tier, shape2)
             for e in range(t.shape[0]):
                 name = sidecar_expert_name(t.layer, t.matrix, e)
-                side.append(TensorPlan(name, shape2, qtype, tensor_bytes(qtype, shape2), t, fell, e))
+                side.append(TensorPlan(name, shape2, qtype, tensor_bytes(qtype, shape2), t, fell, e, reuse))
         files.append(FilePlan(sidecar_file(tier), "tier", tier, tuple(side)))
     for (change, why), n in sorted(fallbacks.items()):
-        notes.append(f"fallback {change} for {n} tensor(s): {why} (K-quants need multiples of 256)")
-    return ConvertPlan(base_tier, tiers, tuple(files), tuple(notes))
+        notes.append(f"fallback {change} for {n} tensor(s): {why} (the type's block size does not divide it)")
+    for (rx, q), n, k in zip(overrides, applied, kept):
+        spec = f"--tensor-type '{rx.pattern}={q.name}'"
+        if n == 0:
+            warnings.append(f"{spec} retypes no tensor" + (f" (the {k} it matches are norms, routers, biases or "
+                                                           "1-D, which are never retyped)" if k else ""))
+        else:
+            notes.append(f"{spec} applies to {n} tensor(s)" + (f"; {k} more it matches (norms, routers, biases, "
+                                                               "1-D) keep their type" if k else ""))
+    for qname, where in sorted(reused.items()):
+        notes.append(f"experts stored as {qname} in the source are copied byte for byte into "
+                     f"{', '.join(sorted(where))} (--requantize re-encodes them instead)")
+    for (tier, src), n in sorted(above.items()):
+        warnings.append(f"tier {tier} is above the source's {src} for {n} expert tensor(s): it re-encodes "
+                        "already rounded weights and adds bytes, not precision (convert from the original "
+                        "model, or drop the tier)")
+    return ConvertPlan(base_tier, tiers, tuple(files), tuple(notes), tuple(warnings))
 
 
 def describe(plan: ConvertPlan) -> str:
@@ -186,9 +261,18 @@ def describe(plan: ConvertPlan) -> str:
     from dymoe_gguf.util import human_bytes
 
     lines = [f"base tier {plan.base_tier.name}; tiers {', '.join(t.name for t in plan.tiers)}"]
-    for f in plan.files:
+    for i, f in enumerate(plan.files):
         types = ", ".join(f"{k}×{v}" for k, v in sorted(_type_counts(f).items()))
-        lines.append(f"  {f.name:<22} {len(f.tensors):>6} tensors {human_bytes(f.data_bytes):>10}  [{types}]")
-    lines.append(f"  total (with headers) {human_bytes(plan.total_bytes)}")
+        size = f.data_bytes if plan.file_sizes is None else plan.file_sizes[i]
+        lines.append(f"  {f.name:<22} {len(f.tensors):>6} tensors {human_bytes(size):>10}  [{types}]")
+    dense: dict[str, int] = {}
+    for t in plan.base.tensors:
+        if not t.source.is_expert:
+            kind = "matrices" if len(t.shape) > 1 and not _ALWAYS_F32.search(t.name) else "norms/routers/biases"
+            dense[f"{t.qtype.name} {kind}"] = dense.get(f"{t.qtype.name} {kind}", 0) + 1
+    lines.append("  non-expert tensors: " + ", ".join(f"{n} {k}" for k, n in sorted(dense.items())))
+    what = "total" if plan.file_sizes is not None else "tensor data (headers not counted)"
+    lines.append(f"  {what} {human_bytes(plan.total_bytes)}")
     lines += [f"  note: {n}" for n in plan.notes]
+    lines += [f"  warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

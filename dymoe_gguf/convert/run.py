@@ -15,7 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -26,10 +26,13 @@ from gguf import GGMLQuantizationType as QT
 from dymoe_gguf import __version__
 from dymoe_gguf._native import ggml
 from dymoe_gguf.bundle.format import BASE_FILE, EXPERT_ALIGNMENT, FORMAT_VERSION, Key, Tier
-from dymoe_gguf.convert.imatrix import load_imatrix
+from dymoe_gguf.convert.imatrix import check_imatrix, load_imatrix
+from dymoe_gguf.convert.output import OutputLock, atomic_dir, check_output, check_space, clean_stale
 from dymoe_gguf.convert.plan import ConvertPlan, FilePlan, make_plan, parse_overrides
-from dymoe_gguf.convert.writer import GGUFStream, atomic_dir, check_output
+from dymoe_gguf.convert.writer import GGUFStream, file_bytes, prepare
 from dymoe_gguf.converters import Source, SourceTensor, open_source
+from dymoe_gguf.errors import SourceError
+from dymoe_gguf.util import read_error
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,7 @@ class ConvertResult:
 
 def _metadata(source: Source, plan: ConvertPlan, f: FilePlan, bundle_id: str, imatrix_sha: str):
     def write(w: gguf.GGUFWriter) -> None:
-        if f.role == "base":
-            source.write_metadata(w)
-            w.add_file_type(_file_type(plan.base_tier))
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        else:
-            w.add_type("dymoe-experts")
+        # dymoe keys first: a bundle is recognised (before --force replaces it) without reading the vocabulary
         w.add_uint32(Key.FORMAT_VERSION, FORMAT_VERSION)
         w.add_string(Key.ROLE, f.role)
         w.add_string(Key.BUNDLE_ID, bundle_id)
@@ -76,6 +74,12 @@ def _metadata(source: Source, plan: ConvertPlan, f: FilePlan, bundle_id: str, im
         w.add_string(Key.SOURCE_FINGERPRINT, source.fingerprint)
         w.add_string(Key.CONVERTER_VERSION, __version__)
         w.add_string(Key.IMATRIX, imatrix_sha)
+        if f.role == "base":
+            source.write_metadata(w)
+            w.add_file_type(_file_type(plan.base_tier))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        else:
+            w.add_type("dymoe-experts")
     return write
 
 
@@ -95,17 +99,30 @@ class _Quantizer:
         self.peak = 0  # RSS sampled while a job's float32 data and its outputs are all alive
         self._proc = psutil.Process()
 
-    def run(self, t: SourceTensor, expert: int | None, types: tuple[QT, ...]) -> dict[QT, np.ndarray]:
-        if t.raw is not None and t.load is None or (t.raw is not None and types == (t.raw[0],)):
+    def run(self, t: SourceTensor, expert: int | None, types: tuple[QT, ...],
+            reuse: QT | None) -> dict[QT, np.ndarray]:
+        try:
+            return self._run(t, expert, types, reuse)
+        except OSError as exc:
+            raise SourceError(f"{read_error(t.name, exc)} (reading the source)") from None
+
+    def _run(self, t: SourceTensor, expert: int | None, types: tuple[QT, ...],
+             reuse: QT | None) -> dict[QT, np.ndarray]:
+        if t.raw is not None and (t.load is None or types == (t.raw[0],)):
             return {t.raw[0]: np.asarray(t.raw[1]()).view(np.uint8).reshape(-1)}
+        out = {}
+        if reuse is not None and expert is not None and t.raw_expert is not None:
+            out[reuse] = np.ascontiguousarray(t.raw_expert[1](expert)).view(np.uint8).reshape(-1)
+        need = [q for q in types if q not in out]
+        if not need:
+            return out
         x = t.load_expert(expert) if expert is not None else t.load()  # type: ignore[misc]
         x2 = x.reshape(-1, x.shape[-1])
         imp = self.imatrix.get(t.name)
         row_imp = None
         if imp is not None:
             row_imp = imp[expert if expert is not None and imp.shape[0] > 1 else 0]
-        out = {}
-        for q in types:
+        for q in need:
             t0 = time.perf_counter()
             out[q] = ggml.quantize(x2, q, row_imp if q not in (QT.F32, QT.F16, QT.BF16) else None)
             self.seconds += time.perf_counter() - t0
@@ -113,34 +130,68 @@ class _Quantizer:
         return out
 
 
-def _jobs(plan: ConvertPlan) -> Iterator[tuple[SourceTensor, int | None, tuple[QT, ...]]]:
-    """(source tensor, expert or None, types needed) in the order the files are written."""
+Job = tuple[SourceTensor, "int | None", tuple[QT, ...], "QT | None"]
+
+
+def _jobs(plan: ConvertPlan) -> Iterator[Job]:
+    """(source tensor, expert or None, types needed, type copied from the source) in file order."""
     side_types = {(f.tier, t.source.name): t.qtype for f in plan.files[1:] for t in f.tensors}
+    reused = {t.source.name for f in plan.files for t in f.tensors if t.reuse}
     for bt in plan.base.tensors:
         if not bt.source.is_expert:
-            yield bt.source, None, (bt.qtype,)
+            yield bt.source, None, (bt.qtype,), None
             continue
         extra = [side_types[(tier, bt.name)] for tier in plan.tiers]
         types = tuple(dict.fromkeys([bt.qtype, *extra]))
+        reuse = bt.source.raw_expert[0] if bt.name in reused and bt.source.raw_expert is not None else None
         for e in range(bt.shape[0]):
-            yield bt.source, e, types
+            yield bt.source, e, types, reuse
 
 
 def convert(src: str | Path, out: Path, *, base_tier: Tier, tiers: tuple[Tier, ...],
             imatrix: Path | None = None, tensor_types: tuple[str, ...] = (), threads: int | None = None,
-            force: bool = False, dry_run: bool = False, progress: bool = False) -> ConvertResult:
-    """Convert ``src`` into a bundle at ``out`` (see :mod:`dymoe_gguf.bundle.format`)."""
+            force: bool = False, dry_run: bool = False, progress: bool = False, revision: str | None = None,
+            requantize: bool = False) -> ConvertResult:
+    """Convert ``src`` into a bundle at ``out`` (see :mod:`dymoe_gguf.bundle.format`).
+
+    Every check runs before any heavy work: the output location, the source, the plan (types,
+    overrides), the importance matrix and the disk space (exact file sizes). ``dry_run`` stops there.
+    """
     t_start = time.perf_counter()
-    source = open_source(src)
-    plan = make_plan(source, base_tier, tiers, parse_overrides(tensor_types))
-    if dry_run:
-        return ConvertResult(out, plan, time.perf_counter() - t_start, 0.0, psutil.Process().memory_info().rss, 0)
+    out = Path(out)
+    overrides = parse_overrides(tensor_types)
+    local = Path(src).expanduser()
+    check_output(out, force, [local] if local.exists() else [])
+    source = open_source(src, revision=revision)
+    check_output(out, force, [*source.files, *([source.root] if source.root else [])])
+    plan = make_plan(source, base_tier, tiers, overrides, reuse_source=not requantize)
     imat, imat_sha = load_imatrix(imatrix) if imatrix else ({}, "")
-    check_output(out, force, plan.total_bytes)
+    check_imatrix(imat, imatrix or Path("--imatrix"), plan)
     bundle_id = uuid.uuid4().hex
+    writers = [prepare(source.spec.gguf_arch, f, EXPERT_ALIGNMENT, _metadata(source, plan, f, bundle_id, imat_sha))
+               for f in plan.files]
+    plan = replace(plan, file_sizes=tuple(file_bytes(w) for w in writers))
+    check_space(out, plan.total_bytes)
+    if dry_run:  # the plan (warnings included) is the output
+        return ConvertResult(out, plan, time.perf_counter() - t_start, 0.0, psutil.Process().memory_info().rss, 0)
+    for w in plan.warnings:
+        log.warning(w)
+    for line in clean_stale(out.resolve().parent):
+        log.warning(line)
+    lock = OutputLock(out)
+    try:
+        quant, peak = _write(out, force, plan, writers, imat, threads, progress)
+    finally:
+        lock.release()
+    written = sum(plan.file_sizes or ())
+    log.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - t_start)
+    return ConvertResult(out, plan, time.perf_counter() - t_start, quant.seconds, peak, written)
+
+
+def _write(out: Path, force: bool, plan: ConvertPlan, writers: list[gguf.GGUFWriter], imat: dict[str, np.ndarray],
+           threads: int | None, progress: bool) -> tuple[_Quantizer, int]:
     quant = _Quantizer(imat)
     threads = max(1, threads or os.cpu_count() or 1)
-    peak = psutil.Process().memory_info().rss
     bar = None
     if progress:
         from tqdm import tqdm
@@ -148,22 +199,24 @@ def convert(src: str | Path, out: Path, *, base_tier: Tier, tiers: tuple[Tier, .
         bar = tqdm(total=sum(f.data_bytes for f in plan.files), unit="B", unit_scale=True,
                    unit_divisor=1024, desc="convert")
     with atomic_dir(out, force) as tmp:
-        streams = [GGUFStream(tmp / f.name, source.spec.gguf_arch, f, EXPERT_ALIGNMENT,
-                              _metadata(source, plan, f, bundle_id, imat_sha)) for f in plan.files]
+        streams: list[GGUFStream] = []
         try:
+            for f, w in zip(plan.files, writers):
+                streams.append(GGUFStream(tmp / f.name, w, f))
             peak = _pump(plan, streams, quant, threads, bar)
             for s in streams:
                 s.close()
-        except BaseException:
+            sizes = tuple((tmp / f.name).stat().st_size for f in plan.files)
+            if sizes != plan.file_sizes:
+                raise AssertionError(f"planned file sizes {plan.file_sizes}, wrote {sizes}")
+        except BaseException:  # atomic_dir removes the partial directory (and words an OSError as one line)
             for s in streams:
                 s.abort()
             raise
         finally:
             if bar is not None:
                 bar.close()
-        written = sum((tmp / f.name).stat().st_size for f in plan.files)
-    log.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - t_start)
-    return ConvertResult(out, plan, time.perf_counter() - t_start, quant.seconds, peak, written)
+    return quant, peak
 
 
 def _pump(plan: ConvertPlan, streams: list[GGUFStream], quant: _Quantizer, threads: int, bar) -> int:
@@ -191,8 +244,8 @@ def _pump(plan: ConvertPlan, streams: list[GGUFStream], quant: _Quantizer, threa
                 bar.update(n)
             peak = max(peak, proc.memory_info().rss)
 
-        for t, e, types in _jobs(plan):
-            pending.append((t, e, pool.submit(quant.run, t, e, types)))
+        for t, e, types, reuse in _jobs(plan):
+            pending.append((t, e, pool.submit(quant.run, t, e, types, reuse)))
             if len(pending) >= 2 * threads:
                 drain_one()
         while pending:

@@ -27,6 +27,7 @@ from dymoe_gguf.errors import DymoeError
 from dymoe_gguf.quality.eval import tokenize_chunks
 from dymoe_gguf.quality.profile import Profile, save_profile
 from dymoe_gguf.runtime import decide
+from dymoe_gguf.runtime.observe import LayerRouting, read_f32, read_f32_array
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,7 @@ class _ImatrixAccumulator:
         self.n_expert = n_expert
 
     def on_norm(self, layer: int, ptr: int) -> None:
-        from dymoe_gguf._native.tensor import f32_matrix
-
-        self.x[layer] = np.array(f32_matrix(ptr), dtype=np.float64)  # [n, d]
+        self.x[layer] = np.array(read_f32(ptr), dtype=np.float64)  # [n, d]
 
     def on_topk(self, layer: int, ids: np.ndarray) -> None:
         x = self.x.get(layer)
@@ -74,12 +73,10 @@ class _ImatrixAccumulator:
         np.add.at(self.counts[layer], ids.reshape(-1), 1.0)
 
     def on_swiglu(self, layer: int, ptr: int) -> None:
-        from dymoe_gguf._native.tensor import f32_array
-
         ids = self.ids.pop(layer, None)
         if ids is None:
             return
-        act = np.array(f32_array(ptr), dtype=np.float64).reshape(len(ids), ids.shape[1], -1)  # [n, k, ff]
+        act = np.array(read_f32_array(ptr), dtype=np.float64).reshape(len(ids), ids.shape[1], -1)  # [n, k, ff]
         if layer not in self.down_sums:
             self.down_sums[layer] = np.zeros((self.n_expert, act.shape[2]))
         np.add.at(self.down_sums[layer], ids.reshape(-1), (act * act).reshape(-1, act.shape[2]))
@@ -106,7 +103,7 @@ def calibrate(bundle: Path, text_file: Path, *, ctx: int = 512, max_chunks: int 
         for chunk in chunks:
             llm.reset()
             llm.eval(chunk)
-        if ctl.observer.error is not None:
+        if ctl.observer is not None and ctl.observer.error is not None:
             raise DymoeError(f"eval callback failed: {ctl.observer.error}")
         trace = _to_trace(ctl.trace, len(index.moe_layers), index.n_expert)
     finally:
@@ -119,12 +116,12 @@ def calibrate(bundle: Path, text_file: Path, *, ctx: int = 512, max_chunks: int 
     return CalibrationResult(prof, [float(x) for x in ent], path, imatrix_out)
 
 
-def _to_trace(records: list[tuple], n_moe: int, n_expert: int) -> decide.RoutingTrace:
+def _to_trace(records: list[LayerRouting], n_moe: int, n_expert: int) -> decide.RoutingTrace:
     by_layer: list[list[np.ndarray]] = [[] for _ in range(n_moe)]
     w_layer: list[list[np.ndarray]] = [[] for _ in range(n_moe)]
-    for mi, ids, w, _probs, _hidden in records:
-        by_layer[mi].append(ids)
-        w_layer[mi].append(w)
+    for r in records:
+        by_layer[r.moe_index].append(r.ids)
+        w_layer[r.moe_index].append(r.weights)
     ids = np.stack([np.concatenate(x) for x in by_layer], axis=1).astype(np.int32)  # [T, L, k]
     ws = np.stack([np.concatenate(x) for x in w_layer], axis=1).astype(np.float32)
     return decide.RoutingTrace(ids, ws, n_expert)

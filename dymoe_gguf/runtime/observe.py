@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dymoe_gguf._native.tensor import f32_matrix, i32_matrix, name_of, tensor_at
+from dymoe_gguf._native.tensor import f32_array, f32_matrix, f32_weight, i32_matrix, name_of, tensor_at
+from dymoe_gguf.runtime.guard import Guard
 
 GGML_OP_MUL = 7  # enum ggml_op in ggml.h (NONE, DUP, ADD, ADD_ID, ADD1, ACC, SUB, MUL, ...)
 
@@ -46,40 +47,65 @@ Handler = Callable[[int, int], None]
 
 
 class Observer:
-    """The callback object; ``handlers`` maps node kind -> function called with (layer, tensor address)."""
+    """The eval callback object.
 
-    def __init__(self, moe_layers: tuple[int, ...], *, on_topk: Handler | None, on_weights: Handler | None = None,
-                 peek: tuple[str, ...] = ("ffn_moe_probs", "ffn_inp"), extra: dict[str, Handler] | None = None) -> None:
+    ``handlers`` maps a node kind (``"ffn_moe_topk"``, ``"l_out"``, ``"ffn_norm"`` …) to a function
+    called with (layer, node address) when that node of a MoE layer has been computed; every kind
+    named costs a graph split per layer. ``peek`` kinds are noted during the ask pass and readable
+    from :attr:`peeked` in a handler, without a split of their own.
+
+    Until :meth:`go_live`, only the warm-up runs: the top-k nodes are observed to learn ``k`` (and,
+    with :attr:`warmup_expert` set, every slot is routed to that expert), and the weight tensors
+    are discovered.
+    """
+
+    def __init__(self, moe_layers: tuple[int, ...], handlers: dict[str, Handler],
+                 peek: tuple[str, ...] = ("ffn_moe_probs", "ffn_inp"), guard: Guard | None = None) -> None:
         self.discovered = Discovered()
-        self._want: dict[bytes, tuple[Handler, int]] = {}
+        self._live: dict[bytes, tuple[Handler, int]] = {}
+        self._warm: dict[bytes, tuple[Handler, int]] = {}
         self._peek: dict[bytes, tuple[str, int]] = {}
         self.peeked: dict[tuple[str, int], int] = {}  # (kind, layer) -> node address in the current graph
-        kinds = [("ffn_moe_topk", on_topk), ("ffn_moe_weights", on_weights), *(extra or {}).items()]
         for layer in moe_layers:
-            for kind, fn in kinds:
-                if fn is not None:
-                    self._want[f"{kind}-{layer}".encode()] = (fn, layer)
+            for kind, fn in handlers.items():
+                self._live[f"{kind}-{layer}".encode()] = (fn, layer)
+            self._warm[f"ffn_moe_topk-{layer}".encode()] = (self._warmup_topk, layer)
             for kind in peek:
                 self._peek[f"{kind}-{layer}".encode()] = (kind, layer)
+        self._want = self._warm
         self._discover: dict[bytes, tuple[str, int]] = {}
         for layer in moe_layers:
             for m in ("gate", "up", "down"):
                 self._discover[f"ffn_moe_{m}-{layer}".encode()] = (m, layer)
             self._discover[f"ffn_moe_logits-{layer}".encode()] = ("router", layer)
             self._discover[f"ffn_norm-{layer}".encode()] = ("norm", layer)
-        self._n_discover = len(self._discover)
+        self.k = 0  # experts selected per token, learnt in the warm-up
+        self.warmup_expert: int | None = None
         self.calls = 0
         self.seconds = 0.0  # time spent in the callback (ask and compute), for its cost
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the first exception raised in a handler (for stats)
+        self.guard = guard if guard is not None else Guard()
 
     @property
     def ready(self) -> bool:
         """True once every expert weight tensor has been found."""
         return not self._discover
 
+    def go_live(self) -> None:
+        """From now on, call the handlers."""
+        self._want = self._live
+
+    def _warmup_topk(self, layer: int, ptr: int) -> None:  # noqa: ARG002 - handler signature
+        view = read_topk(ptr)
+        self.k = view.shape[1]
+        if self.warmup_expert is not None:  # read only the expert already brought in
+            view[:] = self.warmup_expert
+
     def __call__(self, ptr: int, ask: bool, user_data: int) -> bool:  # noqa: ARG002 - C signature
         t0 = time.perf_counter()
         try:
+            if self.guard.failing:  # stop this decode: ask for the node, then end the node loop on it
+                return bool(ask)
             name = name_of(ptr)
             if ask:
                 if self._discover:
@@ -93,11 +119,13 @@ class Observer:
             if entry is not None:
                 entry[0](entry[1], ptr)
             return True
-        except BaseException as exc:  # never let an exception unwind through C
+        except BaseException as exc:  # never let an exception unwind through C: stop and re-raise later
             if self.error is None:
                 self.error = exc
-                logging.getLogger(__name__).error("eval callback failed", exc_info=exc)
-            return True
+            if not isinstance(exc, KeyboardInterrupt):
+                logging.getLogger(__name__).debug("eval callback failed", exc_info=exc)
+            self.guard.fail(exc)
+            return not ask  # computed node: False ends the scheduler's node loop
         finally:
             self.calls += 1
             self.seconds += time.perf_counter() - t0
@@ -117,6 +145,17 @@ class Observer:
             self.discovered.experts[(layer, what)] = int(t.src[0])
 
 
+@dataclass(frozen=True, eq=False)
+class LayerRouting:
+    """One MoE layer's routing of one batch, as recorded in :attr:`Controller.trace`."""
+
+    moe_index: int  # position among the model's MoE layers
+    ids: np.ndarray  # [n_tokens, k] int32, the router's own selection (before any skip)
+    weights: np.ndarray  # [n_tokens, k] float32, gate weights as the model applies them
+    probs: np.ndarray | None  # [n_tokens, E] router probabilities, when they could be read
+    hidden: np.ndarray | None  # [n_tokens, d] the FFN block's input (residual stream), when peeked
+
+
 def read_topk(ptr: int) -> np.ndarray:
     """Live view ``[n_tokens, k]`` of an ffn_moe_topk node (writable: rewriting it re-routes)."""
     return i32_matrix(ptr)
@@ -127,11 +166,11 @@ def read_f32(ptr: int) -> np.ndarray:
     return f32_matrix(ptr)
 
 
+def read_f32_array(ptr: int) -> np.ndarray:
+    """Live view of an F32 node in numpy order ``(ne3, ne2, ne1, ne0)`` without leading 1s."""
+    return f32_array(ptr)
+
+
 def weight_matrix(ptr: int) -> np.ndarray:
-    """Copy of an F32 model weight (router ``[E, d]``, norm ``[d]``) as float32."""
-    t = tensor_at(ptr)
-    if t.type != 0:  # GGML_TYPE_F32
-        raise ValueError("expected an F32 weight")
-    ne0, ne1 = int(t.ne[0]), int(t.ne[1])
-    buf = (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_float * (ne0 * ne1)).from_address(int(t.data))))
-    return np.array(buf, dtype=np.float32).reshape(ne1, ne0) if ne1 > 1 else np.array(buf, dtype=np.float32)
+    """Copy of an F32 model weight (router ``[E, d]``, norm ``[d]``); ValueError for other types."""
+    return f32_weight(ptr)

@@ -7,8 +7,9 @@ by its background thread. With it:
 * ``use()`` — called at a layer's safe point, *before* its experts are read — counts the bytes the
   layer is about to fault in and, if that would break the budget, evicts first (synchronously), so
   resident expert bytes stay under the budget throughout a step, not only between steps;
-* ``request()`` queues look-ahead prefetches for the thread (``MADV_POPULATE_READ`` where the kernel
-  has it, else ``MADV_WILLNEED`` + ``pread``), which also warms the planned resident set when idle;
+* ``request()`` queues look-ahead prefetches for the thread, which reads them with large ``pread``
+  calls on descriptors opened ``POSIX_FADV_RANDOM`` (no read-ahead into neighbouring experts), and
+  warms the planned resident set when idle;
 * eviction order: copies the plan does not keep (least recently used first), then kept experts of
   lowest importance; ranges in use this step are never evicted. ``MADV_PAGEOUT``/``MADV_DONTNEED``
   + ``FADV_DONTNEED`` drop them.
@@ -27,7 +28,7 @@ import numpy as np
 
 from dymoe_gguf._native import vm
 from dymoe_gguf.bundle import BundleIndex
-from dymoe_gguf.bundle.format import MATRICES
+from dymoe_gguf.bundle.format import MATRICES, is_expert_tensor
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class PagerStats:
     evictions: int = 0
     evicted_bytes: int = 0
     syncs: int = 0
+    base_dropped_bytes: int = 0  # base-file expert bytes found resident and dropped (read-around)
     max_resident: int = 0  # highest resident expert bytes measured by mincore
     last_resident: int = 0
     seconds: float = 0.0  # time spent in the pager thread
@@ -54,19 +56,27 @@ class Pager:
     SYNC_EVERY = 0.25  # seconds between mincore corrections of the model (1 s without a budget)
 
     def __init__(self, index: BundleIndex, mappings: dict[int, vm.Mapping], budget: int | None,
-                 base_ranges: list[tuple[int, int]] | None = None) -> None:
+                 mapped_base: int | None = None, *, drop_base: bool = True) -> None:
         self.index = index
         self.mappings = mappings
         self.budget = budget
-        self.base_ranges = list(base_ranges or [])
+        # the base file's expert tensors: (address in llama.cpp's mapping, file offset, length)
+        self.base_ranges = [] if mapped_base is None else [
+            (mapped_base + t.offset, t.offset, t.nbytes) for n, t in index.base_tensors.items() if is_expert_tensor(n)]
+        # no view reads the base file's experts (every policy but manual): whatever of them is
+        # found resident was brought in behind our back (read-around) and is dropped at each sync
+        self.drop_base = drop_base
         self.base_fd = os.open(index.base_path, os.O_RDONLY)
         L, E, T = index.n_layer, index.n_expert, len(index.tiers)
         self.off = np.zeros((L, E, T, 3), dtype=np.int64)  # (layer, expert, tier, matrix) -> file offset
         self.len = np.zeros((L, E, T, 3), dtype=np.int64)
-        for (layer, m, e, tier), s in index._slices.items():  # noqa: SLF001 - same package
-            t = index.tiers.index(tier)
-            self.off[layer, e, t, MATRICES.index(m)] = s.offset
-            self.len[layer, e, t, MATRICES.index(m)] = s.nbytes
+        for layer in index.moe_layers:
+            for t, tier in enumerate(index.tiers):
+                for i, m in enumerate(MATRICES):
+                    for e in range(E):
+                        s = index.slice(layer, m, e, tier)
+                        self.off[layer, e, t, i] = s.offset
+                        self.len[layer, e, t, i] = s.nbytes
         self.full = self.len.sum(-1)  # [L, E, T] bytes of one expert copy
         self._p0 = self.off // vm.PAGE
         self._p1 = (self.off + self.len + vm.PAGE - 1) // vm.PAGE
@@ -80,7 +90,9 @@ class Pager:
         # model's value for entries changed while it measured instead of a stale mincore reading
         self.changed = np.zeros((L, E, T), dtype=np.int64)
         self._epoch = 0
-        self.step = 1
+        self.step = 1  # a counter of safe points, for least-recently-used order
+        # the experts the layer being computed reads (the last use()): never evicted
+        self._current: tuple[int, np.ndarray, np.ndarray] | None = None
         self.keep = np.full((L, E), -1, dtype=np.int16)  # planned tier per expert (-1: not kept)
         self.scores = np.zeros((L, E), dtype=np.float64)
         self._queue: deque[tuple[int, int, int]] = deque()
@@ -105,9 +117,14 @@ class Pager:
             os.close(self.base_fd)
             self.base_fd = -1
 
-    def set_plan(self, keep: np.ndarray, scores: np.ndarray) -> None:
-        """The planned tier per expert (-1 = not resident) and the importance ordering evictions."""
-        keep = keep.astype(np.int16, copy=True)
+    def set_plan(self, moe_layers: tuple[int, ...], kept: np.ndarray, scores: np.ndarray) -> None:
+        """The planned tier per expert of each MoE layer (-1 = not resident), ``kept`` [n_moe_layers,
+        n_expert], and the importance ordering evictions, ``scores`` of the same shape."""
+        keep = np.full(self.keep.shape, -1, dtype=np.int16)
+        keep[list(moe_layers)] = kept
+        full_scores = np.zeros(self.scores.shape)
+        full_scores[list(moe_layers)] = scores
+        scores = full_scores
         with self._lock:
             changed = not np.array_equal(keep, self.keep)
             self.keep = keep
@@ -117,16 +134,18 @@ class Pager:
             self._wake.set()
 
     def new_step(self) -> None:
-        """A decode step begins (ranges used in the previous step lose their protection)."""
+        """A token (or batch) begins: later uses count as more recent."""
         self.step += 1
 
     def use(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> None:
         """Experts about to be read at ``tiers`` (callback thread, before the layer's matmuls).
 
-        Whatever of them is not resident is read now, in bulk (one populate call per range),
-        instead of being faulted in page by page by the matmul.
+        They are protected from eviction until the next call (the next layer); if reading them
+        would break the budget, other ranges are evicted first. Whatever of them is not resident
+        is read now, in bulk, instead of being faulted in page by page by the matmul.
         """
         with self._lock:
+            self._current = (layer, experts, tiers)
             full = self.full[layer, experts, tiers]
             missing = self.model[layer, experts, tiers] < full
             self.total += int((full - self.model[layer, experts, tiers]).sum())
@@ -164,6 +183,17 @@ class Pager:
         self._wake.set()
 
     # ------------------------------------------------------------------ measurement
+    def count_resident(self, layer: int, experts: np.ndarray, tiers: np.ndarray) -> int:
+        """How many of ``experts`` (at ``tiers``; BASE copies are not counted) are resident now (mincore)."""
+        hits = 0
+        for e, t in zip(experts.tolist(), tiers.tolist()):
+            if t < 0:  # the base file's copy (manual policy): not paged by us
+                continue
+            addr = self.mappings[t].addr
+            hits += all(vm.mincore(addr + int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i])).all()
+                        for i in range(3))
+        return hits
+
     def residency(self) -> tuple[np.ndarray, int]:
         """Measured resident bytes per (layer, expert, tier) ``[L, E, T]`` and of the base experts."""
         out = np.zeros(self.model.shape, dtype=np.int64)
@@ -173,7 +203,7 @@ class Pager:
             p0 = np.minimum(self._p0[:, :, t, :], len(pages))
             p1 = np.minimum(self._p1[:, :, t, :], len(pages))
             out[:, :, t] = np.minimum((cs[p1] - cs[p0]) * vm.PAGE, self.len[:, :, t, :]).sum(-1)
-        base = sum(int(vm.mincore(addr, n).sum()) * vm.PAGE for addr, n in self.base_ranges)
+        base = sum(int(vm.mincore(addr, n).sum()) * vm.PAGE for addr, _off, n in self.base_ranges)
         return out, base
 
     def resident_bytes(self) -> int:
@@ -188,6 +218,8 @@ class Pager:
         with self._lock:
             epoch0 = self._epoch
         per, base = self.residency()
+        if base and self.drop_base and self.budget is not None:
+            self.drop_base_experts()
         with self._lock:
             touched = (self.changed > epoch0) | self.inflight  # changed while measuring: keep the model's value
             self.model = np.where(touched, np.maximum(self.model, per), per)
@@ -198,13 +230,27 @@ class Pager:
         self.stats.max_resident = max(self.stats.max_resident, total)
         return total
 
+    def drop_base_experts(self, unexpected: bool = True) -> int:
+        """Drop the base file's expert pages from this process and the page cache; returns the bytes
+        that were resident, counted in ``stats.base_dropped_bytes`` when ``unexpected`` (not the
+        load's or the warm-up's). Dense weights, between them, stay (tensors are page-aligned)."""
+        resident = 0
+        for addr, off, n in self.base_ranges:
+            pages = int(vm.mincore(addr, n).sum())
+            if pages:
+                resident += pages * vm.PAGE
+                vm.madvise(addr, n, vm.MADV_DONTNEED)
+                vm.fadvise_dontneed(self.base_fd, off, n)
+        if unexpected:
+            self.stats.base_dropped_bytes += resident
+        return resident
+
     def enforce_now(self) -> int:
-        """Evict the base experts (no view reads them) and hold the budget now; returns measured bytes."""
+        """Drop the base experts (no view reads them) and hold the budget now; returns measured bytes."""
         if self.budget is None:
             return self.resident_bytes()
-        for addr, n in self.base_ranges:
-            vm.madvise(addr, n, vm.MADV_DONTNEED)
-        vm.fadvise_dontneed(self.base_fd)
+        if self.drop_base:
+            self.drop_base_experts(unexpected=False)
         self.sync()
         with self._lock:
             if self.total > self.budget * self.TARGET:
@@ -216,8 +262,9 @@ class Pager:
         total = self.total
         L, E, T = self.model.shape
         resident = (self.model > 0) & ~self.inflight
-        if protect:
-            resident &= self.last < self.step
+        if protect and self._current is not None:
+            layer, experts, tiers = self._current
+            resident[layer, experts, tiers] = False
         kept = np.zeros_like(resident)
         li, ei = np.nonzero(self.keep >= 0)
         kept[li, ei, self.keep[li, ei]] = True

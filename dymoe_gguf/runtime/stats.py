@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -30,10 +29,12 @@ class ControllerStats:
     hit_rate: float | None  # selected experts already resident when selected
     hit_rate_by_layer: list[float | None]
     skipped_slots: int
+    lowered_batches: int  # layer batches read at the lowest tier because their planned tiers exceeded the budget
     callback_calls: int
     callback_seconds: float
     callback_error: str | None  # the first exception raised inside the eval callback, if any
-    tiers_by_layer: list[list[int]] = field(default_factory=list)  # planned tier per (MoE layer, expert)
+    # tier each expert of each MoE layer reads (index into tier_names; -2 = the base file's copy)
+    tiers_by_layer: list[list[int]] = field(default_factory=list)
     tier_names: list[str] = field(default_factory=list)
     pager: dict = field(default_factory=dict)
     # per MoE layer: moving average of its look-ahead recall, and whether prefetch for it is on
@@ -50,40 +51,45 @@ class StatsCounter:
     def __init__(self, n_moe_layers: int, lookahead: int) -> None:
         self.tokens = 0
         self.steps = 0
-        self.tier_changes = 0
         self.skipped = 0
+        self.lowered_batches = 0  # layer batches read at the lowest tier to fit the budget
         self.hits = np.zeros(n_moe_layers, dtype=np.int64)
         self.uses = np.zeros(n_moe_layers, dtype=np.int64)
         self.lookahead = LookaheadStats(n_moe_layers, max(1, lookahead))
-        self.recall_recent = np.ones(n_moe_layers)  # optimistic until measured
-        self.prefetching = np.ones(n_moe_layers, dtype=bool)
         self._read0 = vm.read_bytes()
-        self._t0 = time.perf_counter()
 
     def start(self) -> None:
         """Zero the counters after set-up (warm-up decode, initial warming are not counted)."""
         self._read0 = vm.read_bytes()
 
-    def snapshot(self, *, mode: str, policy: str, budget: int | None, resident: int, views, pager, observer,
-                 index) -> ControllerStats:
+    def snapshot(self, ctl) -> ControllerStats:
+        """The stats of controller ``ctl`` now."""
+        views, pager, observer, index, step = ctl.views, ctl.pager, ctl.observer, ctl.index, ctl.step
+        mode = "off" if ctl.cfg.policy == "off" else ctl.mode
         recall = float(self.lookahead.recall_by_distance[0])  # next layer only; NaN before any update
         by_layer = [None if np.isnan(x) else float(x) for x in self.lookahead.recall_table[:, 0]]
         with np.errstate(invalid="ignore", divide="ignore"):
             hit_layer = [float(h / u) if u else None for h, u in zip(self.hits, self.uses)]
+        resident = pager.resident_bytes() if pager is not None else 0
         ps = asdict(pager.stats) if pager is not None else {}
+        planner = step.planner if step is not None else None
+        gate = step.gate if step is not None else None
         return ControllerStats(
-            mode=mode, policy=policy, tokens=self.tokens, steps=self.steps,
+            mode=mode, policy=ctl.cfg.policy_name, tokens=self.tokens, steps=self.steps,
             lookahead_recall=None if np.isnan(recall) else recall,
             lookahead_recall_by_layer=by_layer,
-            tier_changes=self.tier_changes, view_changes=views.changes if views is not None else 0,
+            tier_changes=planner.tier_changes if planner is not None else 0,
+            view_changes=views.changes if views is not None else 0,
             resident_expert_bytes=int(resident), max_resident_expert_bytes=int(ps.get("max_resident", resident)),
-            budget_bytes=budget, bytes_read=vm.read_bytes() - self._read0,
+            budget_bytes=ctl.cfg.budget, bytes_read=vm.read_bytes() - self._read0,
             hit_rate=float(self.hits.sum() / self.uses.sum()) if self.uses.sum() else None,
             hit_rate_by_layer=hit_layer, skipped_slots=self.skipped,
+            lowered_batches=self.lowered_batches,
             callback_calls=observer.calls if observer is not None else 0,
             callback_seconds=round(observer.seconds, 6) if observer is not None else 0.0,
             callback_error=repr(observer.error) if observer is not None and observer.error else None,
+            tiers_by_layer=planner.view_tiers.tolist() if planner is not None else [],
             tier_names=[t.name for t in index.tiers], pager=ps,
-            lookahead_recall_recent=[round(float(x), 4) for x in self.recall_recent],
-            lookahead_prefetching=[bool(x) for x in self.prefetching],
+            lookahead_recall_recent=[round(float(x), 4) for x in gate.recent] if gate is not None else [],
+            lookahead_prefetching=[bool(x) for x in gate.on] if gate is not None else [],
         )

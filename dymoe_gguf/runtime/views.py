@@ -22,9 +22,9 @@ from dymoe_gguf._native.vm import Mapping
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import MATRICES, base_expert_name, row_bytes
 from dymoe_gguf.errors import RuntimeConfigError
+from dymoe_gguf.runtime.decide.planner import BASE
 
 log = logging.getLogger(__name__)
-BASE = -2  # tier index meaning "the base file's own copy"
 
 
 class Views:
@@ -59,13 +59,14 @@ class Views:
         self.layer_tier = {layer: BASE for layer in self.index.moe_layers}
         self.expert_tier = np.full((self.index.n_layer, self.index.n_expert), BASE, dtype=np.int16)
 
-    def base_ranges(self) -> list[tuple[int, int]]:
-        """(address, length) of the base file's expert tensors as llama.cpp mapped them."""
-        out = []
-        for key, st in self._orig.items():
-            base = self.index.base_tensors[base_expert_name(*key)]
-            out.append((st.data, base.nbytes))
-        return out
+    def originals(self) -> dict[tuple[int, str], tuple[int, TensorState]]:
+        """(layer, matrix) -> (tensor address, its state before any view): what restore writes back."""
+        return {key: (ptr, self._orig[key]) for key, ptr in self._ptr.items()}
+
+    def mapped_base(self) -> int:
+        """Address at which llama.cpp mapped the base file (offset 0), from a bound expert tensor."""
+        key, st = next(iter(self._orig.items()))
+        return st.data - self.index.base_tensors[base_expert_name(*key)].offset
 
     def set_layer(self, layer: int, tier: int) -> bool:
         """Point all experts of ``layer`` at sidecar tier ``tier`` (or BASE); True if it changed."""

@@ -130,14 +130,14 @@ def test_output_exists(src, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     res = run_convert(src, out)
-    assert res.exit_code != 0 and "already exists" in res.output and "--force" in res.output
+    assert res.exit_code != 0 and "already exists" in res.output and "not a dymoe-gguf bundle" in res.output
     assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_not_enough_disk(src, tmp_path, monkeypatch):
     from collections import namedtuple
 
-    import dymoe_gguf.convert.writer as writer
+    import dymoe_gguf.convert.output as writer
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
@@ -158,3 +158,27 @@ def test_force_replaces_and_dry_run_writes_nothing(src, tmp_path):
     res = run_convert(src, out, "--force", "--tiers", "Q8_0")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["experts.Q8_0.gguf", "model.gguf"]
+
+
+def test_corrupt_tokenizer_json_beside_tokenizer_model(src, tmp_path):
+    """SentencePiece is read from tokenizer.model; the broken tokenizer.json beside it (read for special tokens
+    and the chat template) is named, not a JSONDecodeError traceback."""
+    shutil.copy(Path(__file__).resolve().parents[2] / "models" / "tiny-moe" / "tokenizer.model", src)
+    (src / "tokenizer.json").write_text("{bad json")
+    assert_clean_failure(run_convert(src, tmp_path / "out"), tmp_path / "out", "Invalid tokenizer.json")
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer_config.json").write_text("[1, 2]")
+    assert_clean_failure(run_convert(src, tmp_path / "out"), tmp_path / "out", "Invalid tokenizer_config.json")
+
+
+def test_nonsense_option_values(src, tmp_path):
+    out = tmp_path / "out"
+    for args, needle in ((["--threads", "0"], "--threads"), (["--threads", "x"], "--threads"),
+                         (["--tiers", ""], "at least one tier"), (["--tiers", "Q2_K,Q2_K"], "distinct"),
+                         (["--base-tier", ""], "Expected a tier"),
+                         (["--tensor-type", "attn_q=Q4_K_M"], "not a ggml type"),
+                         (["--imatrix", ""], "Importance matrix")):
+        res = run_convert(src, out, *args)
+        text = res.output.strip()
+        assert res.exit_code != 0 and "Traceback" not in text and needle in text, (args, text)
+        assert not out.exists() and not list(tmp_path.glob(".out.*"))

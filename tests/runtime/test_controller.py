@@ -33,7 +33,19 @@ def q8_bundle(bundle):
     return bundle("qwen3moe", base_tier=Tier.Q8_0, n_layer=3)
 
 
+def _router_and_norm(bundle_dir, layer):
+    """The router and FFN norm weights of ``layer``, read from the base GGUF (not from the runtime)."""
+    import gguf
+
+    r = gguf.GGUFReader(bundle_dir / "model.gguf")
+    t = {x.name: np.array(x.data, dtype=np.float32) for x in r.tensors
+         if x.name in (f"blk.{layer}.ffn_gate_inp.weight", f"blk.{layer}.ffn_norm.weight")}
+    return t[f"blk.{layer}.ffn_gate_inp.weight"], t[f"blk.{layer}.ffn_norm.weight"]
+
+
 def test_routing_equals_numpy_topk_of_router(bundle):
+    """The recorded routing is the reference top-k of each router on the recorded hidden state, and the
+    predictor the runtime uses for look-ahead (decide.Predictor, the tested one) picks the same experts."""
     out = bundle("mixtral", base_tier=Tier.F32)
     ctl = Controller.open(out, policy="uniform:Q8_0", lookahead=1)
     try:
@@ -41,12 +53,17 @@ def test_routing_equals_numpy_topk_of_router(bundle):
         ctl.trace = []
         logits(llm)
         assert ctl.stats().callback_error is None
+        predictor = ctl.step.predictor
+        assert type(predictor) is decide.lookahead.Predictor  # the runtime's predictor is the tested one
         seen = 0
-        for mi, ids, _w, _probs, hidden in ctl.trace:
-            layer = ctl.moe_layers[mi]
-            pred = decide.predict(hidden, ctl._routers[layer], ids.shape[1], norm_weight=ctl._norms[layer])
-            n = min(len(pred), len(ids))  # the last layer keeps output rows only
-            assert np.array_equal(np.sort(pred[-n:], 1), np.sort(ids[-n:], 1)), (layer, pred, ids)
+        for r in ctl.trace:
+            layer = ctl.moe_layers[r.moe_index]
+            router, norm = _router_and_norm(out, layer)
+            pred = decide.predict(r.hidden, router, r.ids.shape[1], norm_weight=norm)
+            n = min(len(pred), len(r.ids))  # the last layer keeps output rows only
+            assert np.array_equal(np.sort(pred[-n:], 1), np.sort(r.ids[-n:], 1)), (layer, pred, r.ids)
+            fast = predictor.predict(r.hidden, r.moe_index)
+            assert np.array_equal(np.sort(fast[-n:], 1), np.sort(r.ids[-n:], 1)), (layer, fast, r.ids)
             seen += 1
         assert seen == len(ctl.moe_layers)
     finally:
@@ -86,13 +103,12 @@ def test_restore_is_bit_exact(q8_bundle, mode):
     ctl = Controller.open(q8_bundle, policy="uniform:Q2_K", lookahead=0, mode=mode)
     try:
         llm = ctl.llama(n_ctx=64, n_threads=2, logits_all=True)
-        ptrs = dict(ctl.views._ptr)
-        orig = {k: ctl.views._orig[k] for k in ptrs}
+        originals = ctl.views.originals()
         swapped = logits(llm)
         assert not np.array_equal(swapped, base)
         ctl.views.restore()
-        for k, p in ptrs.items():
-            assert TensorState.read(tensor_at(p)) == orig[k]
+        for ptr, state in originals.values():
+            assert TensorState.read(tensor_at(ptr)) == state
         # the callback must not re-apply views: measure the restored tensors alone
         ctl.views.set_experts = lambda *a, **k: 0
         ctl.views.set_layer = lambda *a, **k: False
@@ -208,12 +224,32 @@ def test_manual_tiers(q8_bundle, mode):
         assert np.array_equal(logits(llm), q2)
         ctl.set_tiers({})  # back to the base copy everywhere
         assert np.array_equal(logits(llm), base)
-        if mode == "per-expert":  # one expert at Q2_K: only tokens routed to it change
-            ctl.set_tiers({(0, 0): "Q2_K"})
-            assert logits(llm).shape == base.shape
-        else:
+        if mode == "per-layer":
             with pytest.raises(RuntimeConfigError, match="one tier per layer"):
                 ctl.set_tiers({(0, 0): "Q2_K"})
+
+
+@pytest.mark.skipif("per-expert" not in _modes(), reason="needs the patched llama.cpp")
+def test_one_expert_at_another_tier_changes_only_the_tokens_routed_to_it(bundle):
+    """Per-expert views: with one expert of layer 0 at Q2_K, the logits of the tokens before the
+    first one routed to it (with real weight) are bit-identical, and that token's are not."""
+    out = bundle("qwen3moe", base_tier=Tier.Q8_0, n_layer=2, skew=0.5, seed=3)
+    with Controller.open(out, policy="manual", mode="per-expert", lookahead=0) as ctl:
+        llm = ctl.llama(n_ctx=64, n_threads=2, logits_all=True)
+        ctl.trace = []
+        base = logits(llm)  # the base copy everywhere: which tokens does layer 0 route to which expert?
+        ids, w = ctl.trace[0].ids, ctl.trace[0].weights
+        first_use = {}
+        for e in np.unique(ids):
+            rows = np.flatnonzero(((ids == e) & (w > 0.1)).any(axis=1))
+            if len(rows) and not (ids[: rows[0]] == e).any():
+                first_use[int(e)] = int(rows[0])
+        expert, first = max(first_use.items(), key=lambda kv: kv[1])  # the expert first used latest
+        assert 0 < first < len(PROMPT), first_use
+        ctl.set_tiers({(ctl.moe_layers[0], expert): "Q2_K"})
+        one = logits(llm)
+    assert np.array_equal(one[:first], base[:first])  # causal: rows before it see no change
+    assert not np.array_equal(one[first], base[first])  # the routed token's row does
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/io, /proc/self/maps: Linux")
@@ -229,12 +265,12 @@ def test_cold_start_reads_dense_weights_and_budget_only(bundle):
     idx = BundleIndex(out)
     experts = sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." in n)
     dense = sum(t.nbytes for n, t in idx.base_tensors.items() if "_exps." not in n)
-    budget = 1 << 20
+    budget = 1 << 20  # holds the working set of a 4-token batch (8 experts), not of 64 tokens (all 64)
     for f in [idx.base_path, *idx.tier_paths.values()]:
         vm.drop_file_cache(str(f))
     with Controller.open(out, memory_budget=budget, policy="dymoe") as ctl:
         before = vm.read_bytes()
-        llm = ctl.llama(n_ctx=64, n_threads=2)
+        llm = ctl.llama(n_ctx=64, n_batch=4, n_threads=2)
         read = vm.read_bytes() - before
         assert llm.eval(PROMPT) is None and ctl.stats().callback_error is None
     if read == 0:
@@ -273,3 +309,20 @@ def test_lookahead_prefetch_pauses_when_recall_is_poor(bundle):
     assert all(s["lookahead_prefetching"]) and end > mid
     with pytest.raises(RuntimeConfigError, match="lookahead_min_recall"):
         Controller.open(out, lookahead_min_recall=1.5)
+
+
+def test_no_path_uses_llama_cpps_extra_buffer_types_unless_asked(q8_bundle, tmp_path):
+    """AMX / CPU_REPACK copy experts out of the mapping and AMX crashes upstream on some Intel CPUs:
+    every Llama the product builds has use_extra_bufts off, policy off (plain llama.cpp) included."""
+    for policy in ("off", "dymoe", "observe"):
+        with Controller.open(q8_bundle, policy=policy) as ctl:
+            assert ctl.llama(n_ctx=64).model_params.use_extra_bufts is False, policy
+    with Controller.open(q8_bundle, policy="off") as ctl:
+        assert ctl.llama(n_ctx=64, repack=True).model_params.use_extra_bufts is True  # only when asked
+    with pytest.raises(RuntimeConfigError, match="only policy 'off'"):
+        Controller.open(q8_bundle, policy="dymoe").llama(n_ctx=64, repack=True)
+    ref = open_llama(q8_bundle / "model.gguf", n_ctx=64)  # eval's reference model
+    try:
+        assert ref.model_params.use_extra_bufts is False
+    finally:
+        ref.close()

@@ -16,6 +16,9 @@ from dymoe_gguf.runtime.decide import (
     ImportanceProfile,
     ImportanceTracker,
     LookaheadStats,
+    Planner,
+    Predictor,
+    PrefetchGate,
     RoutingTrace,
     SkipConfig,
     allocate,
@@ -635,6 +638,55 @@ def test_predict_is_router_topk():
     np.testing.assert_array_equal(
         predict(hidden, router, 4, bias=bias, gating="sigmoid"), np.argsort(-sig, axis=1)[:, :4]
     )
+
+
+def test_runtime_predictor_selects_what_predict_selects():
+    """Predictor (what the runtime runs) folds the norm weight into the router and drops the RMS
+    scale: it must select the same experts as the reference predict(), token by token."""
+    rng = np.random.default_rng(23)
+    routers = {0: rng.normal(size=(16, 32)), 1: rng.normal(size=(16, 32))}
+    norms = {1: rng.uniform(0.1, 3.0, size=32)}
+    fast = Predictor(routers, norms, k=4)
+    hidden = rng.normal(size=(50, 32)) * rng.uniform(0.01, 100, size=(50, 1))  # very different token scales
+    for layer in (0, 1):
+        want = predict(hidden, routers[layer], 4, norm_weight=norms.get(layer))
+        np.testing.assert_array_equal(np.sort(fast.predict(hidden.astype(np.float32), layer), 1), np.sort(want, 1))
+    assert fast.covers(1) and not fast.covers(2)
+
+
+def test_prefetch_gate_stops_below_the_floor_and_resumes_above_the_band():
+    gate = PrefetchGate(2, floor=0.6, alpha=0.5, band=0.1)
+    assert gate.on.all()
+    gate.update(0, 0.2)  # recent 0.6: at the floor, still on
+    assert gate.on[0]
+    gate.update(0, 0.2)  # 0.4 < 0.6: off
+    assert not gate.on[0] and gate.on[1]
+    gate.update(0, 0.9)  # 0.65: above the floor, but inside the band: stays off (no flapping)
+    assert not gate.on[0]
+    gate.update(0, 0.9)  # 0.775 >= 0.7: on again
+    assert gate.on[0]
+    always = PrefetchGate(1, floor=0.0)
+    for _ in range(20):
+        always.update(0, 0.0)
+    assert always.on[0]
+
+
+def test_planner_views_kept_and_manual_tiers():
+    sizes = np.array([[[1, 2, 4]] * 4] * 2) * 1000  # [layers, experts, tiers] bytes
+    imp = ImportanceTracker(2, 4, 2)
+    planner = Planner(sizes, imp, DepthSchedule(), budget=None, per_layer=False, uniform_tier=1)
+    planner.replan()
+    assert (planner.view_tiers == 1).all() and (planner.kept == 1).all() and planner.layer_tier(0) == 1
+    manual = Planner(sizes, imp, DepthSchedule(), budget=None, per_layer=True, manual=True)
+    manual.replan()
+    assert (manual.view_tiers == -2).all() and manual.layer_tier(1) == -2  # the base copy
+    with pytest.raises(RuntimeConfigError, match="one tier per layer"):
+        manual.set_manual(np.array([[0, 1, 1, 1], [0, 0, 0, 0]]))
+    manual.set_manual(np.array([[2, 2, 2, 2], [-2, -2, -2, -2]]))
+    manual.replan()
+    assert manual.layer_tier(0) == 2 and manual.layer_tier(1) == -2 and manual.tier_changes == 4
+    with pytest.raises(RuntimeConfigError, match="policy 'manual'"):
+        planner.set_manual(np.zeros((2, 4)))
 
 
 def test_recall_known_cases():

@@ -5,7 +5,8 @@
 - :mod:`.depth`       share of high-precision experts per layer, pins
 - :mod:`.allocate`    tiers under a byte budget, with hysteresis; per-expert or per-layer
 - :mod:`.skip`        DyMoE "4/0" skipping of low-weight slots
-- :mod:`.lookahead`   router-on-hidden prediction of the next layers' experts, and its recall
+- :mod:`.lookahead`   router-on-hidden prediction of the next layers' experts, its recall, the prefetch gate
+- :mod:`.planner`     the policy's plan: view tier and kept tier per expert
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from dymoe_gguf.runtime.decide.importance import (
     ImportanceProfile,
     ImportanceTracker,
 )
-from dymoe_gguf.runtime.decide.lookahead import LookaheadStats, count_hits, predict, recall
+from dymoe_gguf.runtime.decide.lookahead import (
+    LookaheadStats,
+    Predictor,
+    PrefetchGate,
+    count_hits,
+    predict,
+    recall,
+)
+from dymoe_gguf.runtime.decide.planner import BASE, Planner
 from dymoe_gguf.runtime.decide.skip import SkipConfig, SkipResult, skip_slots
 from dymoe_gguf.runtime.decide.trace import (
     RoutingTrace,
@@ -38,6 +47,10 @@ from dymoe_gguf.runtime.decide.trace import (
 )
 
 __all__ = [
+    "BASE",
+    "Planner",
+    "Predictor",
+    "PrefetchGate",
     "DEPTH_KINDS",
     "NOT_RESIDENT",
     "AllocationConfig",

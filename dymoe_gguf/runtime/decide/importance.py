@@ -172,10 +172,6 @@ class ImportanceTracker:
         np.add.at(self._flat, index.reshape(-1), value.reshape(-1))
         self.tokens_seen += 1
 
-    def decay(self, n_tokens: int) -> None:
-        """Age every layer by ``n_tokens`` tokens without observations (e.g. skipped layers)."""
-        self._state *= 0.5 ** (n_tokens / self.cfg.half_life_tokens)
-
     @property
     def mass(self) -> np.ndarray:
         """EMA of gate mass, float64 [L, E] (a read-only view)."""
@@ -195,7 +191,3 @@ class ImportanceTracker:
         """Importance ``w · mass + (1 − w) · freq / k``, float64 [L, E], a new array."""
         w = self.cfg.mass_weight
         return w * self._state[..., 0] + ((1.0 - w) / self.top_k) * self._state[..., 1]
-
-    def profile(self) -> ImportanceProfile:
-        """The current state as a profile (e.g. to seed the next session)."""
-        return ImportanceProfile(freq=self._state[..., 1].copy(), mass=self._state[..., 0].copy())

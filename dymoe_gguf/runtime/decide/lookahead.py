@@ -173,3 +173,55 @@ class LookaheadStats:
     def recall_table(self) -> np.ndarray:
         """Recall per (target layer, distance − 1), float64 [L, D]; NaN where unseen."""
         return self._ratio(self._hits, self._actual)
+
+
+class Predictor:
+    """The runtime's predictor: :func:`predict` without the per-token work that cannot change a top-k.
+
+    Built once from each MoE layer's router ``(E, d)`` and FFN norm weight ``(d,)``; the norm weight
+    is folded into the router and the per-token RMS scale is dropped (a positive scale of a row keeps
+    its ranking), so a prediction is one matmul and one partition. Selects the same experts as
+    :func:`predict` with ``norm_weight`` (as sets: the order within a row is not kept).
+    """
+
+    def __init__(self, routers: dict[int, np.ndarray], norms: dict[int, np.ndarray], k: int) -> None:
+        self.k = k
+        # (d, E) per MoE layer index, so that hidden (n, d) @ it gives the logits (n, E)
+        self._folded = {
+            mi: np.ascontiguousarray((np.asarray(r, dtype=np.float32) * norms.get(mi, 1.0)).T)
+            for mi, r in routers.items()
+        }
+
+    def covers(self, moe_index: int) -> bool:
+        """Whether the layer's router is known (F32 routers only)."""
+        return moe_index in self._folded
+
+    def predict(self, hidden: np.ndarray, moe_index: int) -> np.ndarray:
+        """Experts layer ``moe_index`` would select for ``hidden`` (n, d): int (n, k), unordered."""
+        logits = hidden @ self._folded[moe_index]  # (n, E)
+        return np.argpartition(logits, -self.k, axis=1)[:, -self.k:]
+
+
+class PrefetchGate:
+    """Per target layer: prefetch only while the predictions for it have recently been good.
+
+    ``recent[l]`` is a moving average of layer ``l``'s look-ahead recall, ``alpha`` the weight of the
+    latest token. Prefetch for ``l`` stops when it falls below ``floor`` and resumes only at
+    ``floor + band`` (hysteresis, so the decision does not flap at the boundary). Predictions go on
+    either way, so prefetch comes back when routing becomes predictable. ``floor = 0``: always on.
+    """
+
+    def __init__(self, n_layer: int, floor: float, *, alpha: float = 0.1, band: float = 0.05) -> None:
+        self.floor = floor
+        self.alpha = alpha
+        self.band = band
+        self.recent = np.ones(n_layer)  # optimistic until measured
+        self.on = np.ones(n_layer, dtype=bool)
+
+    def update(self, layer: int, recall: float) -> None:
+        """Fold one token's recall for ``layer`` in and decide whether to prefetch for it."""
+        self.recent[layer] += self.alpha * (recall - self.recent[layer])
+        if self.on[layer] and self.recent[layer] < self.floor:
+            self.on[layer] = False
+        elif not self.on[layer] and self.recent[layer] >= min(1.0, self.floor + self.band):
+            self.on[layer] = True
