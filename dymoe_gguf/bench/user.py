@@ -68,12 +68,13 @@ def measure(cfg: dict) -> dict[str, Any]:
         stats = ctl.stats().to_dict() if ctl is not None else None
         if stats:
             stats.pop("tiers_by_layer", None)
+        threads = llm.n_threads  # before close: a closed controller's Llama refuses every use
     finally:
         if ctl is not None:
             ctl.close()
         else:
             llm.close()
-    return {"config": cfg["config"], "pp_ts": pp, "tg_ts": tg, "controller": stats, "threads": llm.n_threads}
+    return {"config": cfg["config"], "pp_ts": pp, "tg_ts": tg, "controller": stats, "threads": threads}
 
 
 def _describe(res: dict) -> str:

@@ -55,9 +55,14 @@ def test_decode_times_feed_and_greedy(bundle):
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.name for p in SCRIPTS])
 def test_bench_scripts_take_the_options_they_document(path):
-    """Every --option a script's docstring shows is one its argument parser accepts."""
-    doc = _script(path).__doc__ or ""
-    shown = set(re.findall(r"(--[a-z][a-z-]+)", doc))
+    """Every --option a script's usage lines (``scripts/NAME.py ...`` and their continuations) show is one its
+    argument parser accepts."""
+    usage, inside = [], False
+    for line in (_script(path).__doc__ or "").splitlines():
+        inside = f"scripts/{path.name}" in line or (inside and line.lstrip().startswith(("[", "--")))
+        if inside:
+            usage.append(line)
+    shown = set(re.findall(r"(--[a-z][a-z-]+)", "\n".join(usage)))
     out = subprocess.run([sys.executable, str(path), "-h"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     accepted = set(re.findall(r"(--[a-z][a-z-]+)", out.stdout.split("options:")[-1]))

@@ -17,19 +17,16 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="m
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory) -> Path:
-    """models/tiny-moe converted with convert's default options (README: dymoe-gguf convert MODEL -o OUT)."""
-    out = tmp_path_factory.mktemp("user") / "model.dymoe"
-    res = CliRunner().invoke(cli, ["convert", str(MODEL), "-o", str(out), "-q"])
-    assert res.exit_code == 0, res.output
-    return out
+def shipped(shipped_bundle) -> Path:
+    """models/tiny-moe converted with convert's default options (the session's shared bundle)."""
+    return shipped_bundle
 
 
 def test_bench_m_table_with_stock(shipped):
     """The README's command (small -p/-n/-r): llama-bench's table, dymoe and stock in the same run."""
     res = CliRunner().invoke(cli, ["bench", "-m", str(shipped), "-p", "32", "-n", "16", "-r", "2", "--compare-stock"])
     assert res.exit_code == 0, res.output
-    rows = [x for x in res.stdout.splitlines() if x.startswith("| model.dymoe")]
+    rows = [x for x in res.stdout.splitlines() if x.startswith(f"| {shipped.name}")]
     assert len(rows) == 4, res.stdout  # (dymoe, stock) x (pp32, tg16)
     tests = [(r.split("|")[3].strip(), r.split("|")[6].strip()) for r in rows]
     assert [t for _, t in tests] == ["pp32", "tg16", "pp32", "tg16"]
