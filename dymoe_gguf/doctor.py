@@ -9,17 +9,6 @@ import tempfile
 from pathlib import Path
 
 
-def _cgroup_memory() -> tuple[bool, str]:
-    """Whether a child memory cgroup (the benchmark's cap) can be created here, and how."""
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    if v2.is_file() and "memory" in v2.read_text().split():
-        return os.access("/sys/fs/cgroup", os.W_OK), "cgroup v2 memory.max"
-    v1 = Path("/sys/fs/cgroup/memory")
-    if v1.is_dir():
-        return os.access(v1, os.W_OK), "cgroup v1 memory.limit_in_bytes"
-    return False, "no memory cgroup controller"
-
-
 def _paging() -> dict[str, bool]:
     """Try each paging call on a small temporary file."""
     from dymoe_gguf._native import vm
@@ -68,8 +57,9 @@ def diagnose() -> dict:
     except ImportError as exc:
         info["llama_cpp_python"] = None
         info["error"] = f"llama-cpp-python does not import: {exc}"
-    ok, how = _cgroup_memory()
-    info["memory_cap"] = {"available": ok, "how": how}
+    from dymoe_gguf.bench.cgroup import cap_status
+
+    info["memory_cap"] = cap_status()  # the benchmark's own lookup: the same answer ``bench`` acts on
     info["paging"] = _paging()
     info["read_ahead_kb"] = {Path(p).parent.parent.name: int(Path(p).read_text())
                              for p in sorted(glob.glob("/sys/block/*/queue/read_ahead_kb"))

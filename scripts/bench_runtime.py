@@ -1,13 +1,17 @@
 """Runtime targets of the controller issue, measured in one run on one bundle.
 
-    .venv/bin/python scripts/bench_runtime.py BUNDLE [--tokens 2000] [--budget 50%] [--json]
+    .venv/bin/python scripts/bench_runtime.py BUNDLE [--tokens 2000] [--budget-share 0.5] [--json]
 
 1. TPOT with everything resident: plain llama-cpp-python (defaults, repack on), plain with repack off,
    Controller policy "off", and Controller "dymoe" without a budget (callback, importance, look-ahead)
    — rounds interleaved, medians of per-token times, ratios against plain.
 2. Look-ahead recall for the next layer (policy dymoe, look-ahead 1) over the generation.
-3. Resident expert bytes under a budget (a share of the bundle's Q4_K expert bytes) sampled by a
-   thread every 10 ms through a generation of ``--tokens`` tokens: the maximum against the budget.
+3. Resident expert bytes under a budget (``--budget-share``: a share of the bundle's Q4_K expert bytes)
+   sampled by a thread every 10 ms through a generation of ``--tokens`` tokens: the maximum against the
+   budget.
+
+TPOT is timed by the benchmarks' one decode loop (:func:`dymoe_gguf.bench.timing.decode_times`: greedy,
+8 untimed warm-up steps).
 """
 
 from __future__ import annotations
@@ -21,22 +25,16 @@ from pathlib import Path
 
 from dymoe_gguf import Controller
 from dymoe_gguf._native.llama import open_llama
+from dymoe_gguf.bench.timing import decode_times, eval_prompt
 from dymoe_gguf.bundle import BundleIndex, Tier
 
 PROMPT = "The history of the city begins"
 
 
 def per_token_times(llm, n: int, prompt: str = PROMPT) -> list[float]:
-    """Per-token decode times (s) of ``n`` greedy tokens after ``prompt``."""
-    llm.reset()
-    llm.eval(llm.tokenize(prompt.encode(), add_bos=True))
-    times = []
-    for _ in range(n):
-        tok = llm.sample(temp=0.0)
-        t0 = time.perf_counter()
-        llm.eval([tok])
-        times.append(time.perf_counter() - t0)
-    return times
+    """Per-token decode times (s) of ``n`` greedy tokens after ``prompt`` (8 warm-up steps first)."""
+    first = eval_prompt(llm, llm.tokenize(prompt.encode(), add_bos=True))
+    return decode_times(llm, n, first=first, warmup=8)
 
 
 def tpot_table(bundle: Path, n: int, rounds: int, threads: int) -> dict:
@@ -52,7 +50,6 @@ def tpot_table(bundle: Path, n: int, rounds: int, threads: int) -> dict:
         for name, make in configs.items():
             ctl, llm = make()
             try:
-                per_token_times(llm, 8)  # warm-up
                 samples[name] += per_token_times(llm, n)
             finally:
                 (ctl.close() if ctl is not None else llm.close())

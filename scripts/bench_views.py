@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_views.py BUNDLE --text data/heldout.txt [--json]
 
-1. Speed: TPOT (median per-token time, rounds interleaved, model resident) of every layer read through
+1. Speed: TPOT (median per-token time, :func:`dymoe_gguf.bench.timing.decode_times`, rounds interleaved, model
+   resident) of every layer read through
    per-expert views — all experts at Q4_K, and a mix (half Q2_K, half Q8_0) — against the same layers
    swapped whole to a uniform Q4_K tensor (per-layer view). Target: mixed views within 3% of uniform.
 2. Quality at equal resident bytes: for budgets of 30–70% of the bundle's Q4_K expert bytes, KL and
@@ -21,28 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from dymoe_gguf import Controller
+from dymoe_gguf.bench.timing import decode_times, eval_prompt
 from dymoe_gguf.bundle import BundleIndex, Tier
 from dymoe_gguf.quality.eval import evaluate
 
 
 def tpot(bundle: Path, tiers: np.ndarray | None, mode: str, n: int, threads: int) -> list[float]:
-    import time
-
+    """Per-token decode times (s) of ``n`` greedy tokens, after 8 untimed warm-up steps."""
     policy = "manual" if tiers is not None else "uniform:Q4_K"
     with Controller.open(bundle, policy=policy, mode=mode, lookahead=0) as ctl:
         llm = ctl.llama(n_ctx=512, n_threads=threads)
         if tiers is not None:
             ctl.set_tiers(tiers)
-        llm.reset()
-        llm.eval(llm.tokenize(b"The history of the city", add_bos=True))
-        out = []
-        for i in range(n + 8):
-            tok = llm.sample(temp=0.0)
-            t0 = time.perf_counter()
-            llm.eval([tok])
-            if i >= 8:
-                out.append(time.perf_counter() - t0)
-        return out
+        first = eval_prompt(llm, llm.tokenize(b"The history of the city", add_bos=True))
+        return decode_times(llm, n, first=first, warmup=8)
 
 
 def main() -> None:

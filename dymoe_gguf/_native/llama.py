@@ -170,3 +170,13 @@ def vocab_special(llm: Any) -> tuple[bool, bool]:
 
     vocab = low.llama_model_get_vocab(llm.model)
     return bool(low.llama_vocab_get_add_bos(vocab)), bool(low.llama_vocab_get_add_eos(vocab))
+
+
+def last_logits(llm: Any) -> Any:
+    """The logits of the last evaluated token, float32 [n_vocab], a view into llama.cpp's buffer
+    (valid until the next decode). ``llama_get_logits_ith(ctx, -1)``: no copy, unlike ``llm.scores``."""
+    import numpy as np
+    from llama_cpp import llama_cpp as low
+
+    ptr = low.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))

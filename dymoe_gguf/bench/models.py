@@ -1,8 +1,11 @@
 """Models the benchmark runs: synthetic OLMoE-shaped MoEs (speed, memory) and the trained model (quality).
 
 Synthetic: :func:`dymoe_gguf.synth.write_synthetic` writes an HF checkpoint with real OLMoE shapes
-(d=2048, expert ff 1024, 64 experts, top-8; layers configurable; random weights, Zipf router skew),
-and the product's own converter turns it into bundles:
+(d=2048, expert ff 1024, 64 experts, top-8; layers configurable; random weights) and one of two
+routings (:data:`ROUTING`): ``realistic`` (the default: load skew and next-layer look-ahead recall set
+to what the trained model measures, see :data:`dymoe_gguf.synth.REALISTIC`) or ``random`` (the
+original random model: near one-hot gates, the hidden state turned over by every layer). The
+product's own converter turns it into bundles:
 
 * ``q4k``  base Q4_K, tiers Q2_K/Q4_K/Q8_0 — what dymoe runs, and stock's uniform Q4_K model.gguf;
 * ``q2k``  base Q2_K (one Q2_K sidecar) — stock's uniform Q2_K model.gguf;
@@ -25,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dymoe_gguf.bundle.format import BASE_FILE, Tier
-from dymoe_gguf.synth import SynthConfig
+from dymoe_gguf.synth import RANDOM, REALISTIC, SynthConfig
 
 # bundle key -> (base tier, sidecar tiers)
 BUNDLES: dict[str, tuple[Tier, tuple[Tier, ...]]] = {
@@ -34,6 +37,7 @@ BUNDLES: dict[str, tuple[Tier, tuple[Tier, ...]]] = {
     "q8": (Tier.Q8_0, (Tier.Q8_0,)),
 }
 UNIFORM = {"Q4_K": "q4k", "Q2_K": "q2k", "Q8_0": "q8"}  # stock uniform tier -> bundle holding its model.gguf
+ROUTING: dict[str, dict] = {"realistic": REALISTIC, "random": RANDOM}  # routing -> SynthConfig knobs
 
 
 @dataclass(frozen=True)
@@ -47,21 +51,31 @@ class BenchModel:
     top_k: int = 8
     n_head: int = 16
     vocab: int = 4096  # small: keeps the non-expert part (embeddings, output) small
-    skew: float = 3.0
     seed: int = 0
+    routing: str = "realistic"  # a key of ROUTING
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING:
+            raise ValueError(f"Expected routing {' or '.join(ROUTING)}, got {self.routing!r}")
 
     def synth(self) -> SynthConfig:
         return SynthConfig(arch="olmoe", n_layer=self.n_layer, d=self.d, ff=self.ff, n_expert=self.n_expert,
                            top_k=self.top_k, n_head=self.n_head, n_head_kv=self.n_head, vocab=self.vocab,
-                           skew=self.skew, dtype="float16", seed=self.seed, shards=max(1, self.n_layer))
+                           dtype="float16", seed=self.seed, shards=max(1, self.n_layer), **ROUTING[self.routing])
 
     def key(self) -> str:
-        blob = json.dumps({"model": asdict(self), "v": 1}, sort_keys=True).encode()
+        d = asdict(self)
+        if d.pop("routing") == "random":  # the random model keeps the cache key it had before routings
+            d["skew"] = RANDOM["skew"]
+        else:
+            d["routing"] = ROUTING[self.routing]
+        blob = json.dumps({"model": d, "v": 1}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def describe(self) -> str:
-        return (f"synthetic OLMoE-shape: {self.n_layer} layers, {self.n_expert} experts top-{self.top_k}, "
-                f"d={self.d}, expert ff {self.ff}, vocab {self.vocab}, router skew {self.skew}")
+        knobs = ", ".join(f"{k} {v}" for k, v in ROUTING[self.routing].items())
+        return (f"synthetic OLMoE-shape, {self.routing} routing: {self.n_layer} layers, {self.n_expert} experts "
+                f"top-{self.top_k}, d={self.d}, expert ff {self.ff}, vocab {self.vocab} ({knobs})")
 
 
 def cache_root() -> Path:
@@ -74,8 +88,10 @@ def bundle_path(model: BenchModel, key: str, root: Path | None = None) -> Path:
 
 
 def ensure_bundles(model: BenchModel, keys: list[str], *, root: Path | None = None, threads: int | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
-    """Generate and convert what is missing; returns bundle key -> bundle directory."""
+                   log: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict[str, Path]:
+    """Generate and convert what is missing; returns bundle key -> bundle directory.
+
+    ``progress``: tqdm bars (generating weights, converting) on stderr — the first run's slow part."""
     from dymoe_gguf.convert import convert
     from dymoe_gguf.synth import write_synthetic
 
@@ -88,11 +104,11 @@ def ensure_bundles(model: BenchModel, keys: list[str], *, root: Path | None = No
     if missing:
         if not (hf / "config.json").is_file():
             log(f"writing {model.describe()} to {hf}")
-            write_synthetic(hf, model.synth(), force=True)
+            write_synthetic(hf, model.synth(), force=True, progress=progress)
         for k in missing:
             base_tier, tiers = BUNDLES[k]
             log(f"converting {k}: base {base_tier.name}, tiers {','.join(t.name for t in tiers)}")
-            convert(hf, out[k], base_tier=base_tier, tiers=tiers, threads=threads, force=True)
+            convert(hf, out[k], base_tier=base_tier, tiers=tiers, threads=threads, force=True, progress=progress)
     shutil.rmtree(hf, ignore_errors=True)  # regenerated bit-identically (seeded) if ever needed again
     return out
 
@@ -121,7 +137,7 @@ def find_trained(repo_root: Path | None = None) -> Path | None:
 
 
 def ensure_trained_bundle(src: Path, *, root: Path | None = None, threads: int | None = None,
-                          log: Callable[[str], None] = lambda s: None) -> Path:
+                          log: Callable[[str], None] = lambda s: None, progress: bool = False) -> Path:
     """The trained model converted with a full-precision (F16) base — the reference — and Q2_K/Q4_K/Q8_0 tiers."""
     from dymoe_gguf.convert import convert
 
@@ -134,5 +150,6 @@ def ensure_trained_bundle(src: Path, *, root: Path | None = None, threads: int |
     if not (out / BASE_FILE).is_file():
         log(f"converting the trained model {src} (base F16, tiers Q2_K,Q4_K,Q8_0)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert(src, out, base_tier=Tier.F16, tiers=(Tier.Q2_K, Tier.Q4_K, Tier.Q8_0), threads=threads, force=True)
+        convert(src, out, base_tier=Tier.F16, tiers=(Tier.Q2_K, Tier.Q4_K, Tier.Q8_0), threads=threads, force=True,
+                progress=progress)
     return out

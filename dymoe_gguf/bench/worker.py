@@ -9,20 +9,22 @@ What is timed, from a cold page cache (``posix_fadvise(DONTNEED)`` on every file
 * ``ttft_s``  — open the model (stock: llama.cpp's load, which reads the whole file unless the
   patch's no-populate is on; dymoe: load, warm-up decode, attach, initial warming) + evaluate the
   prompt + pick the first token: the time a user waits after starting the program;
-* ``tpot_s``  — median over ``tokens`` single-token decode steps (``llm.eval([tok])`` + argmax).
-  Decode steps feed a fixed, seeded token sequence (the same in every configuration), so every
-  configuration routes the same inputs; greedy output of a random-weight model would loop on a few
-  tokens and make routing unrealistically repetitive.
+* ``tpot_s``  — median over ``tokens`` single-token decode steps (``llm.eval([tok])`` + argmax,
+  :func:`dymoe_gguf.bench.timing.decode_times`). Decode steps feed a fixed, seeded token sequence (the
+  same in every configuration), so every configuration routes the same inputs; greedy output of a
+  random-weight model would loop on a few tokens and make routing unrealistically repetitive.
+* ``callback_share`` — the controller's eval-callback seconds during those steps ÷ their time.
 
 Measured alongside: bytes read from storage (``/proc/self/io`` read_bytes, all threads, including the
 pager's prefetches), major page faults (``getrusage``), peak RSS (``VmHWM`` and psutil samples),
 resident model bytes (``mincore`` over every model file), and the controller's own stats.
 
 Config keys: ``kind`` (stock | dymoe | quality), ``model`` (stock: a GGUF; dymoe/quality: a bundle),
-``files`` (dropped from the cache first), ``repack``, ``madv_random`` (stock), ``mode``, ``lookahead``,
-``skip``, ``budget`` (dymoe), ``prompt_tokens``, ``tokens``, ``threads``, ``n_ctx``, ``seed``,
-``drop_cache`` (default true), and for tests ``allocate`` (bytes of anonymous memory to touch first)
-and ``self_kill`` (die by SIGKILL).
+``files`` (dropped from the cache first), ``repack``, ``madv_random`` (stock), ``policy``, ``mode``,
+``lookahead``, ``skip``, ``budget`` and ``options`` (any other :class:`~dymoe_gguf.runtime.config.RuntimeConfig`
+field, passed to ``Controller.open``) (dymoe, quality), ``prompt_tokens``, ``tokens``, ``threads``,
+``n_ctx``, ``seed``, ``drop_cache`` (default true), and for tests ``allocate`` (bytes of anonymous
+memory to touch first) and ``self_kill`` (die by SIGKILL).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 import psutil
 
 from dymoe_gguf._native import vm
+from dymoe_gguf.bench.timing import decode_times, eval_prompt
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -108,8 +111,7 @@ def _open(cfg: dict) -> tuple[Any, Any]:
     from dymoe_gguf.runtime.controller import Controller
 
     ctl = Controller.open(cfg["model"], memory_budget=cfg.get("budget"), policy=cfg.get("policy", "dymoe"),
-                          mode=cfg.get("mode", "auto"), lookahead=int(cfg.get("lookahead", 1)),
-                          skip_threshold=float(cfg.get("skip", 0.0)))
+                          **runtime_options(cfg))
     try:
         llm = ctl.llama(**n)
     except BaseException:
@@ -118,11 +120,17 @@ def _open(cfg: dict) -> tuple[Any, Any]:
     return llm, ctl
 
 
-def _argmax(llm: Any) -> int:
-    from llama_cpp import llama_cpp as low
-
-    ptr = low.llama_get_logits_ith(llm.ctx, -1)
-    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))))
+def runtime_options(cfg: dict) -> dict[str, Any]:
+    """``Controller.open`` options of a dymoe/quality configuration: ``mode``, ``lookahead``, ``skip`` and
+    everything in ``options`` (RuntimeConfig fields: the knobs a Pareto sweep varies)."""
+    out: dict[str, Any] = {}
+    if "mode" in cfg:
+        out["mode"] = cfg["mode"]
+    if "lookahead" in cfg:
+        out["lookahead"] = int(cfg["lookahead"])
+    if cfg.get("skip"):
+        out["skip_threshold"] = float(cfg["skip"])
+    return out | dict(cfg.get("options") or {})
 
 
 # ---------------------------------------------------------------------------- one configuration
@@ -145,18 +153,16 @@ def run_speed(cfg: dict) -> dict:
         rng = np.random.default_rng(int(cfg.get("seed", 0)))
         prompt = rng.integers(0, n_vocab, int(cfg.get("prompt_tokens", 32))).tolist()
         feed = rng.integers(0, n_vocab, int(cfg["tokens"])).tolist()
-        llm.reset()
-        llm.eval(prompt)
-        first = _argmax(llm)
+        first = eval_prompt(llm, prompt)
         m2 = Meter()
         rss_peak = max(rss_peak, proc.memory_info().rss)
-        steps = []
-        for tok in feed:
-            t = time.perf_counter()
-            llm.eval([tok])
-            _argmax(llm)
-            steps.append(time.perf_counter() - t)
+        cb0 = ctl.stats().callback_seconds if ctl is not None else 0.0
+
+        def sample_rss() -> None:
+            nonlocal rss_peak
             rss_peak = max(rss_peak, proc.memory_info().rss)
+
+        steps = decode_times(llm, feed, first=first, on_step=sample_rss)
         m3 = Meter()
         stats = ctl.stats().to_dict() if ctl is not None else None
         if stats:
@@ -181,6 +187,8 @@ def run_speed(cfg: dict) -> dict:
         "major_faults_load": load["major_faults"], "major_faults_prompt": prompt_d["major_faults"],
         "major_faults_decode": decode["major_faults"], "major_faults_per_token": decode["major_faults"] / n,
         "cpu_s_per_token": decode["cpu_seconds"] / n,
+        "callback_s_per_token": (stats["callback_seconds"] - cb0) / n if stats else None,
+        "callback_share": (stats["callback_seconds"] - cb0) / sum(steps) if stats else None,
         # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
         "peak_rss": max(rss_peak, proc_status().get("VmHWM", 0)), "ru_maxrss": ru.ru_maxrss * 1024,
         "resident_model_bytes": sum(resident_bytes(files).values()),
@@ -194,24 +202,20 @@ def run_quality(cfg: dict) -> dict:
     """ppl / KL / top-1 of a bundle under a policy on held-out text (see :func:`dymoe_gguf.quality.eval.evaluate`)."""
     from dymoe_gguf.quality.eval import evaluate
 
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = runtime_options(cfg)
     if cfg.get("budget") is not None:
         kw["memory_budget"] = cfg["budget"]
-    for k in ("mode", "lookahead"):
-        if k in cfg:
-            kw[k] = cfg[k]
-    if cfg.get("skip"):
-        kw["skip_threshold"] = float(cfg["skip"])
     r = evaluate(Path(cfg["model"]), Path(cfg["text"]), ctx=int(cfg.get("ctx", 256)),
                  max_chunks=cfg.get("chunks"), policy=cfg.get("policy", "off"), n_threads=cfg["threads"], **kw)
     d = r.to_dict()
     st = d.pop("stats", None) or {}
     skipped = None
     if cfg.get("skip") and st.get("skipped_slots") is not None and st.get("tokens"):
+        from dymoe_gguf.bench.routing import top_k
         from dymoe_gguf.bundle import BundleIndex
 
         idx = BundleIndex(Path(cfg["model"]))
-        k = _expert_used_count(idx)
+        k = top_k(idx)
         skipped = st["skipped_slots"] / (st["tokens"] * len(idx.moe_layers) * k) if k else None
     return {"name": cfg.get("name"), "kind": "quality", "ppl": d["ppl"], "kl": d["kl_mean"], "kl_p99": d["kl_p99"],
             "top1": d["top1"], "tokens": d["tokens"], "policy": d["policy"],
@@ -219,12 +223,13 @@ def run_quality(cfg: dict) -> dict:
             "skipped_share": skipped}
 
 
-def _expert_used_count(index: Any) -> int | None:
-    """top-k of the model (``<arch>.expert_used_count`` in the base GGUF)."""
-    import gguf
+def run_routing(cfg: dict) -> dict:
+    """Routing statistics of a bundle (:func:`dymoe_gguf.bench.routing.routing_stats`)."""
+    from dymoe_gguf.bench.routing import routing_stats
 
-    f = gguf.GGUFReader(index.base_path, "r").get_field(f"{index.arch}.expert_used_count")
-    return int(f.contents()) if f is not None else None
+    return routing_stats(Path(cfg["model"]), Path(cfg["text"]), chunks=cfg.get("chunks", 8),
+                         threads=cfg.get("threads"), calibrated=Path(cfg["calibrated"]) if cfg.get("calibrated")
+                         else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.perf_counter()
     try:
-        res = run_quality(cfg) if cfg["kind"] == "quality" else run_speed(cfg)
+        if cfg["kind"] == "llama_bench":
+            from dymoe_gguf.bench.user import measure as run
+        else:
+            run = {"quality": run_quality, "routing": run_routing}.get(cfg["kind"], run_speed)
+        res = run(cfg)
         res["ok"] = True
     except Exception as exc:  # a configuration that fails is a result too
         res = {"name": cfg.get("name"), "kind": cfg.get("kind"), "ok": False,

@@ -78,12 +78,19 @@ def inspect(bundle: Path, verify: bool, as_json: bool) -> None:
 @click.option("--top-k", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--skew", type=click.FloatRange(0, 100), default=3.0, show_default=True,
               help="Router skew: 0 routes uniformly, larger values favour a few experts per layer.")
+@click.option("--residual-scale", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="How much each layer changes the residual stream (attention / expert output scale).")
+@click.option("--router-corr", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Correlation of each layer's router with the previous layer's.")
+@click.option("--router-logit-std", type=click.FloatRange(0, min_open=True), default=None,
+              help="Router logits' std on a normalised hidden state [default: 0.5*sqrt(d), near one-hot gates].")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing directory.")
 @errors
 def synth(out: Path, arch: str, layers: int, d_model: int, expert_ff: int, experts: int, top_k: int, skew: float,
-          dtype: str, seed: int, force: bool) -> None:
+          residual_scale: float, router_corr: float, router_logit_std: float | None, dtype: str, seed: int,
+          force: bool) -> None:
     """Write a synthetic MoE checkpoint (random weights, planted router skew) in HF layout to OUT."""
     from dymoe_gguf.convert.output import check_checkpoint_output
     from dymoe_gguf.synth import SynthConfig, write_synthetic
@@ -91,6 +98,7 @@ def synth(out: Path, arch: str, layers: int, d_model: int, expert_ff: int, exper
     check_checkpoint_output(out, force)
     cfg = SynthConfig(arch=arch, n_layer=layers, d=d_model, ff=expert_ff, n_expert=experts, top_k=min(top_k, experts),
                       n_head=max(1, d_model // 64), n_head_kv=max(1, d_model // 128), skew=skew, dtype=dtype,
-                      seed=seed)
+                      seed=seed, residual_scale=residual_scale, router_corr=router_corr,
+                      router_logit_std=router_logit_std)
     path = write_synthetic(out, cfg, force=force)
     click.echo(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""``dymoe-gguf bench``: worker, cgroup cap, killed configurations, report (tiny models, no timing asserts)."""
+"""``dymoe-gguf bench``: worker, cgroup cap, killed and crashed configurations, report (tiny models, no timing
+asserts)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from dymoe_gguf.bench import cgroup, report
+from dymoe_gguf.bench.compare import add_bounds, add_ratios, headline
+from dymoe_gguf.bench.configs import BenchOptions
 from dymoe_gguf.bench.models import BenchModel, model_files
-from dymoe_gguf.bench.run import BenchOptions, add_ratios, headline, run_bench, run_worker
+from dymoe_gguf.bench.run import run_bench
+from dymoe_gguf.bench.runner import run_worker
 from dymoe_gguf.bundle.format import Tier
 
 MiB = 1 << 20
@@ -28,7 +32,7 @@ def tiny(bundle) -> Path:
 
 
 def _has_patch() -> bool:
-    from dymoe_gguf.bench.run import patch_available
+    from dymoe_gguf.bench.machine import patch_available
 
     return patch_available()
 
@@ -56,9 +60,23 @@ def test_worker_runs_stock_and_dymoe(tiny):
         assert r["ttft_s"] >= r["load_s"] > 0 and r["tpot_s"] > 0
         assert r["peak_rss"] > 0 and r["killed"] is False
         assert r["resident_at_start"] == 0  # cold page cache
-    assert stock["controller"] is None
+    assert stock["controller"] is None and stock["callback_share"] is None
     c = dy["controller"]
     assert c["mode"] == mode and c["budget_bytes"] == 2 * MiB and c["callback_error"] is None
+    # the callback's share of decode time: its seconds during the 64 steps over their sum
+    assert 0 < dy["callback_share"] < 1
+    assert dy["callback_s_per_token"] == pytest.approx(dy["callback_share"] * sum(dy["step_s"]) / 64, rel=0.01)
+
+
+def test_worker_passes_runtime_options(tiny):
+    """``options`` reach Controller.open: a sweep point's knob really takes effect (and a bad one fails)."""
+    mode = "per-expert" if _has_patch() else "per-layer"
+    r = run_worker(_cfg(tiny, name="nola", kind="dymoe", mode=mode, budget=2 * MiB,
+                        options={"lookahead": 0, "lookahead_min_recall": 0.0}), None, 120)
+    assert r["ok"], r
+    assert r["controller"]["lookahead_recall"] is None  # no look-ahead: nothing predicted
+    bad = run_worker(_cfg(tiny, name="bad", kind="dymoe", options={"no_such_knob": 1}), None, 120)
+    assert bad["ok"] is False and "no_such_knob" in bad["error"]
 
 
 def test_cgroup_create_and_remove():
@@ -93,8 +111,28 @@ def test_worker_over_the_cap_is_recorded_as_killed(tiny):
 
 def test_worker_killed_by_a_signal_is_a_result(tiny):
     r = run_worker(_cfg(tiny, name="dies", self_kill=True), None, 60)
-    assert r["killed"] is True and r["signal"] == "SIGKILL" and r["ok"] is False
-    assert r["name"] == "dies"
+    assert r["killed"] is True and r["signal"] == "SIGKILL" and r["ok"] is False and r["crashed"] is False
+    assert r["name"] == "dies" and r["error"] == "killed by SIGKILL"
+
+
+SEGFAULT = [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"]  # a real crash (the JSON config follows)
+
+
+def test_worker_crash_is_a_result_not_a_failure(tiny):
+    """A configuration that segfaults (llama.cpp's AMX path does, on Sapphire Rapids) is reported as
+    'crashed: SIGSEGV', as one killed for memory is reported as killed; the runner itself goes on."""
+    r = run_worker(_cfg(tiny, name="stock-q4k-default"), None, 60, entry=SEGFAULT)
+    assert r["ok"] is False and r["crashed"] is True and r["killed"] is False and r["timed_out"] is False
+    assert r["signal"] == "SIGSEGV" and r["error"] == "crashed: SIGSEGV" and r["name"] == "stock-q4k-default"
+    why = cgroup.why_unavailable()
+    if why is None:  # under a cap as the bench runs it: still a crash, not an OOM kill
+        r = run_worker(_cfg(tiny, name="capped"), 256 * MiB, 60, entry=SEGFAULT)
+        assert r["crashed"] is True and r["oom_kills"] == 0 and r["error"] == "crashed: SIGSEGV"
+    res = _recorded()
+    res["runs"].insert(0, {**r, "cap_share": 0.5, "capped": True, "desc": "x", "budget": None})
+    add_ratios(res["runs"])
+    md = report.render_markdown(res)
+    assert "**crashed: SIGSEGV**" in md and "27.3×" in md  # the other configurations' ratios are unaffected
 
 
 def test_worker_error_is_a_result(tiny):
@@ -127,7 +165,7 @@ RECORDED = {
         _run("stock-q4k-default", 0, 0, 0, ok=False, killed=True, signal="SIGKILL", error="killed by OOM"),
         _run("stock-q4k", 0.546, 9.0, 605 * MiB, major_faults_per_token=100),  # read-ahead: few big faults
         _run("stock-q4k-tuned", 0.130, 6.0, 17 * MiB),
-        _run("dymoe-expert", 0.020, 2.0, 3 * MiB, kind="dymoe", budget=300 * MiB,
+        _run("dymoe-expert", 0.020, 2.0, 3 * MiB, kind="dymoe", budget=300 * MiB, callback_share=0.04,
              controller={"mode": "per-expert", "hit_rate": 0.9, "lookahead_recall": 0.93, "skipped_slots": 0}),
         _run("stock-q4k-warm", 0.0083, 1.0, 0, capped=False),
     ],
@@ -136,7 +174,7 @@ RECORDED = {
                          {"name": "uniform Q4_K", "ok": True, "ppl": 18.0, "kl": 0.02, "top1": 0.97},
                          {"name": "dymoe per-expert @ 34% of Q4_K experts", "ok": True, "ppl": 18.5, "kl": 0.04,
                           "top1": 0.96}]},
-    "notes": [],
+    "notes": [], "read_bandwidth": {"bps": 1e9, "bytes": 256 * MiB},
 }
 
 
@@ -146,6 +184,7 @@ def _recorded(capped: bool = True) -> dict:
     if not capped:
         res["cap_reason"] = "not root"
     add_ratios(res["runs"])
+    add_bounds(res["runs"], res["read_bandwidth"]["bps"])
     res["headline"] = headline(res["runs"], 0.5, capped)
     res["projection"] = report.projection(res)
     return res
@@ -158,11 +197,16 @@ def test_report_renders_markdown_json_and_plots(tmp_path):
     assert h["ttft_ratio"] == pytest.approx(9.0 / 2.0)
     assert h["tpot_ratio_tuned"] == pytest.approx(0.130 / 0.020)
     assert h["capped"] is True and h["dymoe_config"] == "dymoe-expert"
+    # physical bound: warm compute 8.3 ms + 3 MiB / (1 GB/s)
+    assert h["bound_ratio"] == pytest.approx(0.020 / (0.0083 + 3 * MiB / 1e9))
+    assert h["bound_ratios"]["stock-q4k"] == pytest.approx(0.546 / (0.0083 + 605 * MiB / 1e9))
+    assert h["callback_share"] == 0.04 and "stock-q4k-warm" not in h["bound_ratios"]
     files = report.write_all(res, tmp_path)
     md = files["markdown"].read_text()
     assert md.splitlines()[0].startswith("Capped:")
     assert "**killed** (SIGKILL)" in md and "PROJECTION" in md and "read_ahead_kb" in md
     assert "27.3×" in md  # 0.546 / 0.020
+    assert "| TPOT ÷ physical bound |" in md and "÷ 1000 MB/s" in md and "| 4.0% |" in md
     back = json.loads(files["json"].read_text())
     assert back["headline"]["tpot_ratio"] == pytest.approx(h["tpot_ratio"])
     assert back["projection"]["label"].startswith("PROJECTION")
@@ -196,9 +240,16 @@ def test_run_bench_end_to_end_tiny(tmp_path):
                                  tokens=64, prompt_tokens=8, configs=names, quality=False,
                                  cache_root=tmp_path / "cache"), log=lambda s: None)
     h = res["headline"]
-    for k in ("tpot_ratio", "ttft_ratio", "tpot_ratio_tuned", "capped"):
+    for k in ("tpot_ratio", "ttft_ratio", "tpot_ratio_tuned", "capped", "bound_ratio", "callback_share"):
         assert k in h and h[k] is not None, k
     assert h["capped"] == (cgroup.why_unavailable() is None)
     assert all(r["ok"] for r in res["runs"]), [r.get("error") for r in res["runs"]]
+    bw = res["read_bandwidth"]
+    assert bw["ok"] and bw["bps"] > 1e6  # a real cold read (where /proc/self/io says where the bytes came from)
+    assert bw["storage_bytes"] is None or bw["storage_bytes"] >= bw["bytes"] // 2
+    assert h["bound_ratio"] > 0 and 0 < h["callback_share"] < 1
+    assert res["routings"] == ["realistic"] and list(res["by_model"]) == ["realistic"]
+    rs = res["routing"]["realistic"]  # calibrate + the controller's look-ahead recall on the model itself
+    assert len(rs["normalized_entropy"]) == TINY["n_layer"] and 0 <= rs["lookahead_recall"] <= 1
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "result.json").is_file()
     assert not (tmp_path / "cache" / BenchModel(vocab=512, **TINY).key() / "hf").exists()  # checkpoint cleaned up
