@@ -109,7 +109,8 @@ class Mapping:
     fd: int
     addr: int
     size: int
-    owned: bool = True
+    owned: bool = True  # the mapping is ours to unmap
+    owns_fd: bool = True  # and the descriptor ours to close
 
     @classmethod
     def open(cls, path: str) -> Mapping:
@@ -128,9 +129,12 @@ class Mapping:
         return m
 
     @classmethod
-    def borrow(cls, path: str | os.PathLike[str], addr: int) -> Mapping:
+    def borrow(cls, path: str | os.PathLike[str], addr: int, fd: int | None = None) -> Mapping:
         """llama.cpp's mapping of ``path``, whose file offset 0 is at ``addr`` (parts of it may be
-        unmapped: only ranges of its tensors are touched)."""
+        unmapped: only ranges of its tensors are touched); ``fd``: a descriptor of the file to use
+        (its owner closes it), else one is opened, without read-ahead."""
+        if fd is not None:
+            return cls(str(path), fd, int(addr), os.fstat(fd).st_size, owned=False, owns_fd=False)
         fd = os.open(path, os.O_RDONLY)
         no_read_ahead(fd)
         return cls(str(path), fd, int(addr), os.fstat(fd).st_size, owned=False)
@@ -139,7 +143,8 @@ class Mapping:
         if self.fd >= 0:
             if self.owned and self.addr:
                 libc.munmap(self.addr, self.size)
-            os.close(self.fd)
+            if self.owns_fd:
+                os.close(self.fd)
             self.fd, self.addr = -1, 0
 
     def advise(self, offset: int, length: int, advice: int | None) -> int:
