@@ -243,3 +243,17 @@ def test_doctor_prints_the_capability_table():
     assert not rows["posix_fadvise"]["available"] and rows["fcntl F_RDAHEAD"]["needed"]
     assert "posix_fadvise               NO " in text and "-> instead: F_RDAHEAD 0 (macOS)" in text
     assert "-> instead: the mapping's base from the first weight" in text
+
+
+def test_madv_free_is_refused_on_a_file_mapping(data):
+    """Why vm never uses MADV_FREE on the bundle's mappings: Linux refuses it on a shared file
+    mapping (private anonymous pages only)."""
+    import errno
+    import mmap
+
+    path, _payload = data
+    m = vm.Mapping.open(str(path))
+    try:
+        assert m.advise(0, m.size, mmap.MADV_FREE) == errno.EINVAL
+    finally:
+        m.close()
