@@ -166,7 +166,8 @@ VERIFIED: dict[str, tuple[str, str]] = {
     "linux-x86_64-4k": ("Linux x86-64, 4 KiB pages", "natively: the whole test suite (CI)"),
     "linux-16k": ("Linux, 16 KiB pages (Pi 5's default kernel)",
                   "simulated: pager, residency, eviction and cold start with vm's page size at 16 KiB on a 4 KiB "
-                  "kernel (tests/runtime/test_pages_16k.py); a real 16 KiB kernel: see scripts/test_aarch64.sh"),
+                  "kernel (tests/runtime/test_pages_16k.py); qemu -p 16384 (scripts/test_aarch64.sh) gives the C test "
+                  "16 KiB pages but is no 16 KiB kernel"),
     "linux-aarch64": ("Linux aarch64, 4 KiB pages (Pi 5 with kernel8, Jetson Orin: L4T is a Linux kernel)",
                       "emulated: the patched llama.cpp under qemu-aarch64 (scripts/test_aarch64.sh); the Python "
                       "paging paths are the Linux ones, verified natively on x86-64"),
