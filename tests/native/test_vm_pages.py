@@ -63,12 +63,13 @@ def test_page_size_is_the_systems():
 
 def test_no_module_has_its_own_page_size():
     """Only _native/pages.py (and the capability probe) ask the system for the page size, and no
-    paging code hard-codes one: everything rounds with vm's, so a 16 KiB kernel — or a simulated
-    16 KiB page — reaches every range."""
+    paging code hard-codes one (4096 or 16384 next to "page" or in page arithmetic): everything
+    rounds with vm's, so a 16 KiB kernel — or a simulated 16 KiB page — reaches every range."""
     asks = re.compile(r"PAGESIZE|SC_PAGE_?SIZE|getpagesize|PAGE_SIZE")
     allowed = {"dymoe_gguf/_native/pages.py", "dymoe_gguf/_native/platform.py",
                "dymoe_gguf/bench/run.py"}  # bench records the system's page size in its report
-    literal = re.compile(r"(?<![\w.])(4096|16384)(?![\w.])")
+    size = r"(?<![\w.])(?:4096|16384)(?![\w.])"  # a page size written out: near "page", or in page arithmetic
+    literal = re.compile(rf"(?i:page).*{size}|{size}.*(?i:page)|[%/*]\s*{size}|{size}\s*[%/*]")
     offenders = []
     for f in sorted((ROOT / "dymoe_gguf").rglob("*.py")):
         rel = f.relative_to(ROOT).as_posix()
