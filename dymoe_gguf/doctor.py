@@ -5,33 +5,52 @@ from __future__ import annotations
 import glob
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 
 def _paging() -> dict[str, bool]:
-    """Try each paging call on a small temporary file."""
-    from dymoe_gguf._native import vm
+    """The main paging calls, from the capability table (``platform calls`` has all of them)."""
+    from dymoe_gguf._native import platform
 
-    out = {}
-    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR")) as f:
-        f.write(os.urandom(4 * vm.PAGE))
-        f.flush()
-        m = vm.Mapping.open(f.name)
-        try:
-            out["madvise_random"] = m.advise(0, m.size, vm.MADV_RANDOM) == 0
-            out["madvise_willneed"] = m.advise(0, m.size, vm.MADV_WILLNEED) == 0
-            out["madvise_populate_read"] = vm.IS_LINUX and m.advise(0, m.size, vm.MADV_POPULATE_READ) == 0
-            out["madvise_pageout"] = vm.IS_LINUX and m.advise(0, m.size, vm.MADV_PAGEOUT) == 0
-            try:
-                m.residency()
-                out["mincore"] = True
-            except OSError:
-                out["mincore"] = False
-        finally:
-            m.close()
-    out["proc_self_io"] = Path("/proc/self/io").is_file()
-    return out
+    caps = platform.capabilities()
+    return {"madvise_random": caps.madv_random, "madvise_willneed": caps.madv_willneed,
+            "madvise_populate_read": caps.madv_populate_read, "madvise_pageout": caps.madv_pageout,
+            "mincore": caps.mincore, "proc_self_io": caps.proc_self_io}
+
+
+def _platform_calls() -> dict:
+    """The capability table — each call, what it is for, whether this platform has it and what
+    replaces it where not — and what is verified for this platform, and how."""
+    from dymoe_gguf._native import platform
+
+    caps = platform.capabilities()
+    names = {c.field: c.name for c in platform.CALLS}
+    rows = [{"call": c.name, "available": getattr(caps, c.field), "for": c.purpose, "fallback": c.fallback,
+             "needed": not any(getattr(caps, f) for f in c.instead_of),
+             "instead_of": [names[f] for f in c.instead_of]} for c in platform.CALLS]
+    return {"system": caps.system, "machine": caps.machine, "kernel": caps.kernel, "board": caps.board,
+            "page_size": caps.page_size, "calls": rows, "this_platform": platform.verified_key(caps),
+            "verified": {key: {"platform": name, "how": how} for key, (name, how) in platform.VERIFIED.items()}}
+
+
+def _render_platform(p: dict) -> list[str]:
+    """The capability section of the plain-text report."""
+    board = f", {p['board']}" if p["board"] else ""
+    lines = [f"platform calls on {p['system']} {p['machine']} {p['kernel']}{board}, page {p['page_size']} B "
+             "(sysconf):"]
+    width = max(len(r["call"]) for r in p["calls"])
+    for r in p["calls"]:
+        if r["available"]:
+            tail = f"yes  {r['for']}"
+        elif not r["needed"]:
+            tail = f"no   {r['for']}; not needed: {' and '.join(r['instead_of'])} here"
+        else:
+            tail = f"NO   {r['for']} -> instead: {r['fallback']}"
+        lines.append(f"  {r['call']:<{width}}  {tail}")
+    lines.append("verified where (* this machine):")
+    for key, v in p["verified"].items():
+        lines.append(f"  {'*' if key == p['this_platform'] else ' '} {v['platform']}: {v['how']}")
+    return lines
 
 
 def diagnose() -> dict:
@@ -64,6 +83,7 @@ def diagnose() -> dict:
     info["read_ahead_kb"] = {Path(p).parent.parent.name: int(Path(p).read_text())
                              for p in sorted(glob.glob("/sys/block/*/queue/read_ahead_kb"))
                              if not Path(p).parent.parent.name.startswith(("loop", "zram", "ram"))}
+    info["platform_calls"] = _platform_calls()
     return info
 
 
@@ -82,4 +102,5 @@ def render(info: dict) -> str:
     lines.append("paging calls: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["paging"].items()))
     if info["read_ahead_kb"]:
         lines.append("storage read-ahead: " + ", ".join(f"{k} {v} KiB" for k, v in info["read_ahead_kb"].items()))
+    lines += _render_platform(info["platform_calls"])
     return "\n".join(lines)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
+from dymoe_gguf._native import vm
 from dymoe_gguf.errors import NativeLibraryError
 
 
@@ -45,19 +47,14 @@ class ExpertViews:
 
 
 def _loaded_cpu_lib() -> ctypes.CDLL | None:
-    import llama_cpp  # noqa: F401 - loads libllama and, through it, libggml-cpu
+    import llama_cpp  # loads libllama and, through it, libggml-cpu
 
-    path = None
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                if "libggml-cpu" in line:
-                    path = line.split()[-1]
-                    break
-    except OSError:
-        pass
+    path = vm.mapped_library("libggml-cpu")  # the copy libllama loaded, where the platform lists mappings
+    names = ["libggml-cpu.so.0", "libggml-cpu.so", "libggml-cpu.dylib"]
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    # RTLD_NOLOAD: only a library already loaded is returned, never a second copy
     flags = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_GLOBAL", 0)
-    for cand in ([path] if path else []) + ["libggml-cpu.so.0", "libggml-cpu.so", "libggml-cpu.dylib"]:
+    for cand in ([path] if path else []) + names + [str(lib_dir / n) for n in names]:
         try:
             return ctypes.CDLL(cand, mode=flags)
         except OSError:

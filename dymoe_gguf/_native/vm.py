@@ -1,100 +1,165 @@
-"""Virtual-memory calls the pager needs: mmap, madvise, mincore, posix_fadvise, via libc.
+"""Every platform call the runtime makes on files and memory: mmap, madvise, mincore, posix_fadvise,
+pread, the bytes this process read from storage, this process's mappings of a file, dropping a
+file from the page cache. Each call takes the fallback :mod:`.platform`'s capability table names
+where the OS lacks it (macOS: no posix_fadvise, /proc/self/io or /proc/self/maps).
 
-Linux and macOS. Page size is read at run time. Prefetch reads with pread (large I/Os through the
-file's read path) rather than faulting pages in through a MADV_RANDOM mapping.
+Page size: ``vm.PAGE`` is the system's (sysconf), read at run time. :func:`simulated_page_size`
+makes every range be rounded as a kernel with larger pages would round it (tests run the pager on
+16 KiB pages on a 4 KiB kernel): starts round down and ends up to the simulated page, reads cover
+whole simulated pages, and mincore gives one entry per simulated page, resident when any of its
+system pages is (a 16 KiB kernel holds the whole page). :class:`Mapping` rounds in *file offsets*:
+what the kernel does for a mapping, whose base is page-aligned, and still exact under a simulated
+page size, where a mapping's base is aligned to the system's page only. Calls on a mapping never go
+past the system pages the range itself covers (the owner of the mapping may have unmapped the rest).
+
+File-backed mappings and ``MADV_FREE``: not used. On Linux it applies to private anonymous pages
+only (EINVAL on a shared file mapping); on macOS it marks pages reusable with undefined contents,
+which is meant for anonymous memory. Eviction is ``MADV_PAGEOUT`` (or ``MADV_COLD``) where Linux
+has it, then ``MADV_DONTNEED`` (Linux: unmaps the range here; macOS: lowers the pages' priority),
+then the file range is dropped from the page cache: ``posix_fadvise(DONTNEED)``, or where there is
+no fadvise ``msync(MS_INVALIDATE)`` on a mapping of it (how vmtouch evicts on macOS; Linux ignores
+MS_INVALIDATE). Prefetch reads with pread, large I/Os through the file's read path, rather than
+faulting pages in through a ``MADV_RANDOM`` mapping.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import mmap
 import os
-import sys
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-PAGE = mmap.PAGESIZE
-IS_LINUX = sys.platform.startswith("linux")
+from dymoe_gguf._native import pages
+from dymoe_gguf._native.fileio import (  # noqa: F401 - re-exported: callers name them vm.X
+    drop_file_cache,
+    drop_range,
+    file_mappings,
+    mapped_library,
+    no_read_ahead,
+    read_bytes,
+    read_file_ranges,
+    read_range,
+)
+from dymoe_gguf._native.pages import SYSTEM_PAGE, page_size, simulated_page_size, span  # noqa: F401
+from dymoe_gguf._native.platform import (  # noqa: F401
+    IS_LINUX,
+    MADV_COLD,
+    MADV_DONTNEED,
+    MADV_NORMAL,
+    MADV_PAGEOUT,
+    MADV_POPULATE_READ,
+    MADV_RANDOM,
+    MADV_WILLNEED,
+    MAP_FAILED,
+    MS_INVALIDATE,
+    capabilities,
+    libc,
+)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-# void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset);
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-_libc.mmap.restype = ctypes.c_void_p
-# int munmap(void *addr, size_t length);
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-# int madvise(void *addr, size_t length, int advice);
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-# int mincore(void *addr, size_t length, unsigned char *vec);
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-if hasattr(_libc, "posix_fadvise"):
-    # int posix_fadvise(int fd, off_t offset, off_t len, int advice);
-    _libc.posix_fadvise.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-
-MAP_FAILED = ctypes.c_void_p(-1).value
-MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED = 0, 1, 2, 3, 4
-MADV_COLD, MADV_PAGEOUT, MADV_POPULATE_READ = 20, 21, 22  # Linux only
-POSIX_FADV_RANDOM, POSIX_FADV_DONTNEED = 1, 4
-
-_local = threading.local()
-
-
-def _scratch(n: int) -> memoryview:
-    """A per-thread reusable buffer of at least ``n`` bytes (prefetch reads land here)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = memoryview(bytearray(max(n, 1 << 20)))
-        _local.buf = buf
-    return buf
+fadvise_dontneed = drop_range  # the name the pager used before
 
 
-def _round(addr: int, length: int) -> tuple[int, int]:
-    start = addr - addr % PAGE
-    end = addr + length
-    end += -end % PAGE
-    return start, end - start
+def __getattr__(name: str) -> int:
+    if name == "PAGE":  # read at each use, so a simulated page size reaches every caller
+        return pages.page_size()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _madvise(addr: int, n: int, advice: int | None) -> int:
+    if advice is None:
+        return errno.EINVAL
+    if libc.madvise(addr, n, advice) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def _mincore(addr: int, n_real: int, n: int) -> np.ndarray:
+    """Residency per vm page of ``[addr, addr+n)``, measured on its first ``n_real`` bytes."""
+    vec = np.zeros(n // SYSTEM_PAGE, dtype=np.uint8)
+    if n_real > 0 and libc.mincore(addr, n_real, vec.ctypes.data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore: {os.strerror(err)}")
+    vec &= 1
+    ratio = pages.page_size() // SYSTEM_PAGE
+    return vec if ratio == 1 else vec.reshape(-1, ratio).max(axis=1)
+
+
+def madvise(addr: int, length: int, advice: int | None) -> int:
+    """madvise on the pages covering ``[addr, addr+length)`` of a mapping with a page-aligned base;
+    returns 0 or errno (EINVAL for an advice this platform lacks)."""
+    start, _end, real_end = pages.covering(addr, length)
+    return _madvise(start, real_end - start, advice)
+
+
+def mincore(addr: int, length: int) -> np.ndarray:
+    """Residency (uint8 per page, 1 = resident) of the pages covering ``[addr, addr+length)``."""
+    start, end, real_end = pages.covering(addr, length)
+    return _mincore(start, real_end - start, end - start)
 
 
 @dataclass
 class Mapping:
-    """A read-only shared mapping of a whole file."""
+    """A read-only shared mapping of a whole file (:meth:`open`), or llama.cpp's mapping of one
+    (:meth:`borrow`, never unmapped here). Methods take file offsets."""
 
     path: str
     fd: int
     addr: int
     size: int
+    owned: bool = True  # the mapping is ours to unmap
+    owns_fd: bool = True  # and the descriptor ours to close
 
     @classmethod
     def open(cls, path: str) -> Mapping:
         fd = os.open(path, os.O_RDONLY)
         size = os.fstat(fd).st_size
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, MAP_FAILED):
             err = ctypes.get_errno()
             os.close(fd)
             raise OSError(err, f"mmap {path}: {os.strerror(err)}")
-        m = cls(path, fd, int(addr), size)
+        m = cls(str(path), fd, int(addr), size)
         m.advise(0, size, MADV_RANDOM)  # no fault read-ahead: we read experts in bulk ourselves
-        # and no read-ahead on our preads either: without this a pread of one expert makes the
-        # kernel read on into the next ones (read_ahead_kb), which costs reads and budget
-        fadvise(fd, 0, 0, POSIX_FADV_RANDOM)
+        # and no read-ahead on our preads either: without it a pread of one expert makes the kernel
+        # read on into the next ones (read_ahead_kb), which costs reads and budget
+        no_read_ahead(fd)
         return m
 
-    def close(self) -> None:
-        if self.addr:
-            _libc.munmap(self.addr, self.size)
-            os.close(self.fd)
-            self.addr = 0
+    @classmethod
+    def borrow(cls, path: str | os.PathLike[str], addr: int, fd: int | None = None) -> Mapping:
+        """llama.cpp's mapping of ``path``, whose file offset 0 is at ``addr`` (parts of it may be
+        unmapped: only ranges of its tensors are touched); ``fd``: a descriptor of the file to use
+        (its owner closes it), else one is opened, without read-ahead."""
+        if fd is not None:
+            return cls(str(path), fd, int(addr), os.fstat(fd).st_size, owned=False, owns_fd=False)
+        fd = os.open(path, os.O_RDONLY)
+        no_read_ahead(fd)
+        return cls(str(path), fd, int(addr), os.fstat(fd).st_size, owned=False)
 
-    def advise(self, offset: int, length: int, advice: int) -> int:
-        """madvise on [offset, offset+length) of the file; returns 0 or errno."""
-        return madvise(self.addr + offset, length, advice)
+    def close(self) -> None:
+        if self.fd >= 0:
+            if self.owned and self.addr:
+                libc.munmap(self.addr, self.size)
+            if self.owns_fd:
+                os.close(self.fd)
+            self.fd, self.addr = -1, 0
+
+    def advise(self, offset: int, length: int, advice: int | None) -> int:
+        """madvise on the pages covering a file range; returns 0 or errno."""
+        start, _end, real_end = pages.covering(offset, length)
+        return _madvise(self.addr + start, real_end - start, advice)
+
+    def pages(self, offset: int, length: int) -> np.ndarray:
+        """uint8 per page covering a file range: 1 where resident."""
+        start, end, real_end = pages.covering(offset, length)
+        return _mincore(self.addr + start, real_end - start, end - start)
 
     def residency(self) -> np.ndarray:
-        """uint8 per page: 1 where resident."""
-        return mincore(self.addr, self.size)
+        """uint8 per page of the file: 1 where resident."""
+        return self.pages(0, self.size)
 
     def prefetch(self, offset: int, length: int) -> None:
         """Bring a byte range into the page cache in large reads (blocking; pager or safe point).
@@ -105,115 +170,36 @@ class Mapping:
         """
         read_range(self.fd, offset, length, self.size)
 
-    def evict(self, offset: int, length: int) -> None:
-        """Drop a byte range from this process and, where unmapped elsewhere, from the page cache."""
-        start, n = _round(self.addr + offset, length)
-        if IS_LINUX and madvise(start, n, MADV_PAGEOUT) == 0:
-            pass
-        madvise(start, n, MADV_DONTNEED)
-        # the kernel drops only whole pages inside the range: round it out to pages
-        fstart, fn = _round(offset, length)
-        fadvise_dontneed(self.fd, fstart, fn)
+    def populate(self, offset: int, length: int) -> str:
+        """Map a range in now (``MADV_POPULATE_READ``), or hint and read it (``MADV_WILLNEED`` +
+        pread) where that is missing; returns which."""
+        caps = capabilities()
+        if caps.madv_populate_read and self.advise(offset, length, MADV_POPULATE_READ) == 0:
+            return "MADV_POPULATE_READ"
+        if caps.madv_willneed:
+            self.advise(offset, length, MADV_WILLNEED)
+        read_range(self.fd, offset, length, self.size)
+        return "pread"
 
+    def evict(self, offset: int, length: int) -> tuple[str, ...]:
+        """Drop a byte range from this process and, where nothing else maps it, from the page
+        cache; returns the calls that did it."""
+        caps = capabilities()
+        done = []
+        if caps.madv_pageout and self.advise(offset, length, MADV_PAGEOUT) == 0:
+            done.append("MADV_PAGEOUT")
+        elif caps.madv_cold and self.advise(offset, length, MADV_COLD) == 0:
+            done.append("MADV_COLD")
+        if caps.madv_dontneed and self.advise(offset, length, MADV_DONTNEED) == 0:
+            done.append("MADV_DONTNEED")
+        done.append(self.drop(offset, length))
+        return tuple(done)
 
-def read_range(fd: int, offset: int, length: int, size: int) -> None:
-    """Read the pages of ``[offset, offset+length)`` of a file of ``size`` bytes into the page cache
-    with large ``pread`` calls (the data is discarded)."""
-    start, n = _round(offset, length)
-    n = min(n, size - start)
-    if n <= 0:
-        return
-    chunk = min(n, 8 << 20)
-    buf = _scratch(chunk)
-    done = 0
-    while done < n:
-        got = os.preadv(fd, [buf[:min(chunk, n - done)]], start + done)
-        if got <= 0:
-            break
-        done += got
-
-
-def read_file_ranges(path: str, ranges: list[tuple[int, int]], gap: int = 1 << 16) -> None:
-    """Read (offset, length) ranges of a file into the page cache, ranges that (nearly) touch merged
-    into one read, through a descriptor without read-ahead (nothing beyond the ranges is read)."""
-    merged: list[list[int]] = []
-    for off, n in sorted(ranges):
-        if merged and off - (merged[-1][0] + merged[-1][1]) <= gap:
-            merged[-1][1] = max(merged[-1][1], off + n - merged[-1][0])
-        else:
-            merged.append([off, n])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fadvise(fd, 0, 0, POSIX_FADV_RANDOM)
-        size = os.fstat(fd).st_size
-        for off, n in merged:
-            read_range(fd, off, n, size)
-    finally:
-        os.close(fd)
-
-
-def file_mappings(path: str) -> list[tuple[int, int, int]]:
-    """(address, length, file offset) of this process's mappings of ``path`` (Linux /proc/self/maps;
-    empty elsewhere)."""
-    real = os.path.realpath(path)
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].strip() == real:
-                    a, b = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((a, b - a, int(parts[2], 16)))
-    except OSError:
-        pass
-    return out
-
-
-def madvise(addr: int, length: int, advice: int) -> int:
-    """madvise on a page-rounded range; returns 0 or errno."""
-    start, n = _round(addr, length)
-    if _libc.madvise(start, n, advice) != 0:
-        return ctypes.get_errno()
-    return 0
-
-
-def mincore(addr: int, length: int) -> np.ndarray:
-    """Residency (uint8 per page, 1 = resident) of a page-rounded range of a mapping."""
-    start, n = _round(addr, length)
-    vec = np.zeros(n // PAGE, dtype=np.uint8)
-    if _libc.mincore(start, n, vec.ctypes.data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mincore: {os.strerror(err)}")
-    return vec & 1
-
-
-def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-    """posix_fadvise where the platform has it (not macOS); best effort."""
-    if hasattr(_libc, "posix_fadvise"):
-        _libc.posix_fadvise(fd, offset, length, advice)
-
-
-def fadvise_dontneed(fd: int, offset: int = 0, length: int = 0) -> None:
-    """posix_fadvise(DONTNEED) where the platform has it (not macOS)."""
-    fadvise(fd, offset, length, POSIX_FADV_DONTNEED)
-
-
-def drop_file_cache(path: str) -> None:
-    """Evict a whole file from the page cache (cold-cache benchmarks); best effort."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fadvise_dontneed(fd)
-    finally:
-        os.close(fd)
-
-
-def read_bytes() -> int:
-    """Bytes this process caused to be read from storage (/proc/self/io; 0 where unavailable)."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    def drop(self, offset: int, length: int) -> str:
+        """Drop the file pages covering a range from the page cache; returns the call used."""
+        if capabilities().posix_fadvise:
+            return drop_range(self.fd, offset, length)
+        start, _end, real_end = pages.covering(offset, length)
+        if capabilities().msync_invalidate and libc.msync(self.addr + start, real_end - start, MS_INVALIDATE) == 0:
+            return "msync"
+        return "none"

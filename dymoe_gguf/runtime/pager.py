@@ -68,13 +68,14 @@ class Pager(PagerThread):
         self.index = index
         self.mappings = mappings
         self.budget = budget
-        # the base file's expert tensors: (address in llama.cpp's mapping, file offset, length)
+        # the base file's expert tensors: (file offset, length) in llama.cpp's mapping of it
         self.base_ranges = [] if mapped_base is None else [
-            (mapped_base + t.offset, t.offset, t.nbytes) for n, t in index.base_tensors.items() if is_expert_tensor(n)]
+            (t.offset, t.nbytes) for n, t in index.base_tensors.items() if is_expert_tensor(n)]
         # no view reads the base file's experts (every policy but manual): whatever of them is
         # found resident was brought in behind our back (read-around) and is dropped at each sync
         self.drop_base = drop_base
         self.base_fd = os.open(index.base_path, os.O_RDONLY)
+        self.base = None if mapped_base is None else vm.Mapping.borrow(index.base_path, mapped_base, fd=self.base_fd)
         L, E, T = index.n_layer, index.n_expert, len(index.tiers)
         self.off = np.zeros((L, E, T, 3), dtype=np.int64)  # (layer, expert, tier, matrix) -> file offset
         self.len = np.zeros((L, E, T, 3), dtype=np.int64)
@@ -85,7 +86,7 @@ class Pager(PagerThread):
                         s = index.slice(layer, m, e, tier)
                         self.off[layer, e, t, i] = s.offset
                         self.len[layer, e, t, i] = s.nbytes
-        self.full = self.len.sum(-1)  # [L, E, T] bytes of one expert copy
+        self.full = vm.span(self.off, self.len).sum(-1)  # [L, E, T] memory of one expert copy: its whole pages
         self._p0 = self.off // vm.PAGE
         self._p1 = (self.off + self.len + vm.PAGE - 1) // vm.PAGE
         self.model = np.zeros((L, E, T), dtype=np.int64)  # modelled resident bytes
@@ -224,9 +225,8 @@ class Pager(PagerThread):
         for e, t in zip(experts.tolist(), tiers.tolist()):
             if t < 0:  # the base file's copy (manual policy): not paged by us
                 continue
-            addr = self.mappings[t].addr
-            hits += all(vm.mincore(addr + int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i])).all()
-                        for i in range(3))
+            m = self.mappings[t]
+            hits += all(m.pages(int(self.off[layer, e, t, i]), int(self.len[layer, e, t, i])).all() for i in range(3))
         return hits
 
     def residency(self) -> tuple[np.ndarray, int]:
@@ -237,8 +237,8 @@ class Pager(PagerThread):
             cs = np.concatenate([[0], np.cumsum(pages)])
             p0 = np.minimum(self._p0[:, :, t, :], len(pages))
             p1 = np.minimum(self._p1[:, :, t, :], len(pages))
-            out[:, :, t] = np.minimum((cs[p1] - cs[p0]) * vm.PAGE, self.len[:, :, t, :]).sum(-1)
-        base = sum(int(vm.mincore(addr, n).sum()) * vm.PAGE for addr, _off, n in self.base_ranges)
+            out[:, :, t] = ((cs[p1] - cs[p0]) * vm.PAGE).sum(-1)
+        base = sum(int(self.base.pages(off, n).sum()) * vm.PAGE for off, n in self.base_ranges)
         return out, base
 
     def resident_bytes(self) -> int:
@@ -271,12 +271,11 @@ class Pager(PagerThread):
         that were resident, counted in ``stats.base_dropped_bytes`` when ``unexpected`` (not the
         load's or the warm-up's). Dense weights, between them, stay (tensors are page-aligned)."""
         resident = 0
-        for addr, off, n in self.base_ranges:
-            pages = int(vm.mincore(addr, n).sum())
+        for off, n in self.base_ranges:
+            pages = int(self.base.pages(off, n).sum())
             if pages:
                 resident += pages * vm.PAGE
-                vm.madvise(addr, n, vm.MADV_DONTNEED)
-                vm.fadvise_dontneed(self.base_fd, off, n)
+                self.base.evict(off, n)
         if unexpected:
             self.stats.base_dropped_bytes += resident
         return resident

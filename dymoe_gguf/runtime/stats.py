@@ -27,7 +27,7 @@ class ControllerStats:
     resident_expert_bytes: int  # measured with mincore now
     max_resident_expert_bytes: int  # highest the pager measured
     budget_bytes: int | None
-    bytes_read: int  # from storage by this process since open (/proc/self/io)
+    bytes_read: int | None  # from storage by this process since open (vm.read_bytes); None: the OS does not say
     hit_rate: float | None  # selected experts already resident when selected
     hit_rate_by_layer: list[float | None]
     skipped_slots: int
@@ -66,6 +66,11 @@ class StatsCounter:
         """Zero the counters after set-up (warm-up decode, initial warming are not counted)."""
         self._read0 = vm.read_bytes()
 
+    def bytes_read(self) -> int | None:
+        """Bytes read from storage since :meth:`start`; None where the platform does not count them."""
+        now = vm.read_bytes()
+        return None if now is None or self._read0 is None else now - self._read0
+
     def snapshot(self, ctl) -> ControllerStats:
         """The stats of controller ``ctl`` now."""
         views, pager, observer, index, step = ctl.views, ctl.pager, ctl.observer, ctl.index, ctl.step
@@ -92,7 +97,7 @@ class StatsCounter:
             tier_changes=planner.tier_changes if planner is not None else 0,
             view_changes=views.changes if views is not None else 0,
             resident_expert_bytes=int(resident), max_resident_expert_bytes=int(ps.get("max_resident", resident)),
-            budget_bytes=ctl.cfg.budget, bytes_read=vm.read_bytes() - self._read0,
+            budget_bytes=ctl.cfg.budget, bytes_read=self.bytes_read(),
             hit_rate=float(self.hits.sum() / self.uses.sum()) if self.uses.sum() else None,
             hit_rate_by_layer=hit_layer, skipped_slots=self.skipped,
             lowered_batches=self.lowered_batches,
