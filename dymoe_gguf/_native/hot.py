@@ -177,3 +177,8 @@ def forwarding_callback(lib: ctypes.CDLL, python_callback: Any) -> tuple[Any, Ev
 
     forward = EvalForward(ctypes.cast(python_callback, ctypes.c_void_p).value, None)
     return ctypes.cast(lib.dymoe_eval_callback, low.ggml_backend_sched_eval_callback), forward
+
+
+def forward_again(forward: EvalForward, python_callback: Any) -> None:
+    """The C eval callback forwards to ``python_callback`` again (the Python safe point is back)."""
+    forward.fn = ctypes.cast(python_callback, ctypes.c_void_p).value

@@ -7,12 +7,12 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from dymoe_gguf._native import vm
 from dymoe_gguf.errors import DymoeError
 
 
 def machine_info(model_file: Path | None = None) -> dict[str, Any]:
     """CPU, cores, RAM, kernel, page size and the storage read-ahead (read_ahead_kb)."""
-    import mmap
 
     import psutil
 
@@ -44,7 +44,7 @@ def machine_info(model_file: Path | None = None) -> dict[str, Any]:
     import llama_cpp
 
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-            "kernel": platform.release(), "system": platform.system(), "page_size": mmap.PAGESIZE,
+            "kernel": platform.release(), "system": platform.system(), "page_size": vm.SYSTEM_PAGE,
             "read_ahead_kb": ra, "model_device": model_dev, "llama_cpp_python": llama_cpp.__version__,
             "python": platform.python_version()}
 

@@ -9,13 +9,13 @@ pipe), and scores its previous prediction. Python runs once per decode (:meth:`N
 importance, look-ahead recall and the prefetch gate, recency, re-planning.
 
 What stays on the Python path (:class:`.step.Step` in the eval callback): stock builds (per-layer
-views), skipping slots (it rewrites the weights node), recording traces, policy ``observe``.
+views), skipping slots (it rewrites the weights node), recording traces, extra eval-callback handlers
+(calibration), policy ``observe``.
 Look-ahead in C predicts one layer ahead, from the layer's normalised FFN input.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from typing import Any
@@ -43,6 +43,7 @@ class NativePath:
         self.drain_seconds = 0.0
         self._since = 0  # tokens decoded since the last drain
         self.dropped_rows = 0
+        self._drained_calls = 0  # hook calls when the log was last taken
         self._install(index, discovered)
         step.pager.external = self._requests
         step.pager.reading = self._reading
@@ -112,8 +113,12 @@ class NativePath:
 
     def drain(self) -> None:
         """Fold the decode's log and counters in: importance, recency, look-ahead recall, re-planning."""
-        t0 = time.perf_counter()
         self._since = 0
+        calls = self.hot.times()[0]
+        if calls == self._drained_calls:
+            return  # no hook ran since the last drain: no work, no time counted (stats stay stable)
+        self._drained_calls = calls
+        t0 = time.perf_counter()
         layers, ids, weights, dropped = self.hot.take_log()
         self.dropped_rows += dropped
         if len(layers):
@@ -158,7 +163,7 @@ def start(ctl: Any, loaded: Any) -> NativePath | None:
     docstring); the Python eval callback then stops being called at all."""
     cfg = ctl.cfg
     if (loaded.hot_lib is None or ctl.patch is None or cfg.skip_threshold > 0 or cfg.hot_path == "python"
-            or ctl.step.pager is None or ctl.step.trace is not None):
+            or ctl.step.pager is None or ctl.step.trace is not None or ctl.extra_handlers):
         return None
     path = NativePath(loaded.hot_lib, ctl.step, ctl.index, loaded.discovered, ctl._llm.n_batch)
     ctl.step.native = True
@@ -177,4 +182,4 @@ def stop(ctl: Any, loaded: Any) -> None:
     ctl.step.native = False
     ctl.step.native_path = None
     if loaded is not None and loaded.forward is not None:
-        loaded.forward.fn = ctypes.cast(loaded.callback[0], ctypes.c_void_p).value
+        hot.forward_again(loaded.forward, loaded.callback[0])

@@ -75,6 +75,8 @@ class StatsCounter:
         """The stats of controller ``ctl`` now."""
         views, pager, observer, index, step = ctl.views, ctl.pager, ctl.observer, ctl.index, ctl.step
         mode = "off" if ctl.cfg.policy == "off" else ctl.mode
+        if ctl.native is not None:
+            ctl.native.drain()  # first: the tokens since the last drain count in every field below
         recall = float(self.lookahead.recall_by_distance[0])  # next layer only; NaN before any update
         by_layer = [None if np.isnan(x) else float(x) for x in self.lookahead.recall_table[:, 0]]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -83,7 +85,6 @@ class StatsCounter:
         calls, seconds = (observer.calls, observer.seconds) if observer is not None else (0, 0.0)
         miss = pager.stats.demand_seconds if pager is not None else 0.0
         if ctl.native is not None:
-            ctl.native.drain()  # the tokens since the last drain count too
             calls, (seconds, miss) = ctl.native.hot.times()[0], ctl.native.seconds()
         ps = asdict(pager.stats) if pager is not None else {}
         planner = step.planner if step is not None else None

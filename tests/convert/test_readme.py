@@ -54,7 +54,7 @@ def test_readme_lists_the_commands_this_test_runs():
 @pytest.fixture
 def world(tmp_path, monkeypatch, tmp_path_factory) -> Path:
     """A working directory holding what the README's examples name: the model directory, a Q4_K_M GGUF,
-    and an offline Hugging Face cache with the repo ids."""
+    a prompt file and an offline Hugging Face cache with the repo ids."""
     from dymoe_gguf.convert import convert
 
     f32 = tmp_path_factory.mktemp("readme-f32") / "b"
@@ -70,6 +70,7 @@ def world(tmp_path, monkeypatch, tmp_path_factory) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    (tmp_path / "prompt.txt").write_text("Once upon a time, a small robot", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -121,7 +121,9 @@ def _bits(a: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def test_patch_version():
-    assert API.dymoe_patch_version() == 1
+    from dymoe_gguf._native.hot import HOT_VERSION
+
+    assert API.dymoe_patch_version() == HOT_VERSION  # patches/0003's DYMOE_PATCH_VERSION
     assert API.dymoe_expert_view_count() == 0
 
 

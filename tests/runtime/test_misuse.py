@@ -63,9 +63,11 @@ def test_close_while_another_thread_generates_waits_then_raises_there(q8):
         ctl = Controller.open(BUNDLE, policy="dymoe", memory_budget="64MiB")
         llm = ctl.llama(n_ctx=512, n_threads=1)
         outcome = []
-        def generate():
+        def generate():  # token by token: create_completion runs past max_tokens on incomplete UTF-8
             try:
-                llm.create_completion("Hello", max_tokens=400, temperature=0.0)
+                llm.eval(llm.tokenize(b"Hello"))
+                for _ in range(400):
+                    llm.eval([llm.sample(temp=0.0)])
                 outcome.append("finished")
             except ClosedError:
                 outcome.append("closed")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dymoe_gguf import Controller
+from dymoe_gguf._native.llama import last_logits
 from dymoe_gguf.bundle import BundleIndex, Tier
 from dymoe_gguf.errors import DymoeError
 
@@ -29,12 +30,15 @@ def q8(bundle):
 
 
 def _decode(llm, n: int) -> list[np.ndarray]:
+    """Greedy decode; each step's logits (llama.cpp's own buffer: without logits_all, ``llm.scores`` is
+    never written and holds uninitialised memory)."""
     llm.reset()
     llm.eval(PROMPT)
-    rows = [np.array(llm.scores[llm.n_tokens - 1])]
+    rows = [np.array(last_logits(llm))]
     for _ in range(n):
         llm.eval([int(np.argmax(rows[-1]))])
-        rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+        rows.append(np.array(last_logits(llm)))
+    assert all(np.isfinite(r).all() for r in rows)
     return rows
 
 

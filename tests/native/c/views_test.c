@@ -198,7 +198,7 @@ static int check(enum ggml_type base_type, int n_threads, int * n_slots) {
 }
 
 int main(int argc, char ** argv) {
-    if (dymoe_patch_version() != 1) { fprintf(stderr, "views_test: unexpected patch version\n"); return 2; }
+    if (dymoe_patch_version() != DYMOE_PATCH_VERSION) { fprintf(stderr, "views_test: unexpected patch version\n"); return 2; }
     int threads[8] = {1, 2}, n_thr = 2;
     if (argc > 1) {
         n_thr = 0;
