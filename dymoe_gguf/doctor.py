@@ -53,6 +53,40 @@ def _render_platform(p: dict) -> list[str]:
     return lines
 
 
+AMX_WARNING = ("this build has llama.cpp's AMX buffer type, which segfaults on some Intel CPUs with AMX "
+               "(llama.cpp issue 20824): dymoe-gguf loads without extra buffer types unless repack=True")
+
+
+def _cpu(have_llama: bool) -> dict:
+    """The CPU's features that pick llama.cpp's kernels, what this build compiled in, and whether
+    llama.cpp's extra buffer types (repack, AMX) can be reached."""
+    from dymoe_gguf._native import cpu
+
+    feats, source = cpu.features()
+    built = {}
+    if have_llama:
+        from dymoe_gguf._native.llama import build_features
+
+        built = build_features()
+    amx_built = any(v for k, v in built.items() if k.startswith("AMX"))
+    return {"features": feats, "source": source, "build": sorted(k for k, v in built.items() if v),
+            "amx_in_build": amx_built, "extra_buffer_types": "off unless repack=True (use_extra_bufts=False)",
+            "warning": AMX_WARNING if amx_built and feats.get("AMX") else None}
+
+
+def _render_cpu(c: dict) -> list[str]:
+    def word(v: bool | None) -> str:
+        return "yes" if v else ("no" if v is False else "unknown")
+
+    lines = ["cpu: " + ", ".join(f"{k} {word(v)}" for k, v in c["features"].items()) + f" (from {c['source']})"]
+    if c["build"]:
+        lines.append("  llama.cpp build: " + " ".join(c["build"]) + ("" if c["amx_in_build"] else "; no AMX code"))
+    lines.append(f"  extra buffer types (repack, AMX): {c['extra_buffer_types']}")
+    if c["warning"]:
+        lines.append(f"  warning: {c['warning']}")
+    return lines
+
+
 def diagnose() -> dict:
     """Everything ``doctor`` reports, as a dict."""
     from dymoe_gguf import __version__
@@ -76,6 +110,7 @@ def diagnose() -> dict:
     except ImportError as exc:
         info["llama_cpp_python"] = None
         info["error"] = f"llama-cpp-python does not import: {exc}"
+    info["cpu"] = _cpu(info.get("llama_cpp_python") is not None)
     from dymoe_gguf.bench.cgroup import cap_status
 
     info["memory_cap"] = cap_status()  # the benchmark's own lookup: the same answer ``bench`` acts on
@@ -91,12 +126,14 @@ def render(info: dict) -> str:
     """Plain-text report."""
     lines = [f"dymoe-gguf {info['dymoe_gguf']} on {info['platform']} ({info['cpus']} CPUs, page {info['page_size']} B)"]
     if info.get("llama_cpp_python"):
-        patch = (f"patched (patch API v{info['patch_version']}): per-expert views, DYMOE_NO_POPULATE"
+        hot = ", C hot path" if (info["patch_version"] or 0) >= 2 else ""
+        patch = (f"patched (patch API v{info['patch_version']}): per-expert views{hot}, DYMOE_NO_POPULATE"
                  if info["patched"] else "stock: per-layer views only, load reads the whole file")
         lines.append(f"llama-cpp-python {info['llama_cpp_python']} — {patch}")
         lines.append(f"  libraries {info['llama_cpp_lib']}; build key {info.get('build_key')}")
     else:
         lines.append(info.get("error", "llama-cpp-python missing"))
+    lines += _render_cpu(info["cpu"])
     cap = info["memory_cap"]
     lines.append(f"memory cap: {'yes' if cap['available'] else 'no'} ({cap['how']})")
     lines.append("paging calls: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in info["paging"].items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -126,3 +127,39 @@ def test_doctor_reports_build_and_paging():
     assert info["patched"] == (patch.load() is not None)
     text = CliRunner().invoke(cli, ["doctor"]).output
     assert "llama-cpp-python 0.3.36" in text and "paging calls" in text
+
+
+PI5_CPUINFO = """processor	: 0
+BogoMIPS	: 108.00
+Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer	: 0x41
+CPU part	: 0xd0b
+"""
+SPR_FLAGS = ("flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512_vnni amx_bf16 avx512_fp16 amx_tile amx_int8\n")
+
+
+def test_cpu_features_read_from_cpuinfo():
+    from dymoe_gguf._native import cpu
+
+    pi5, _ = cpu.features("aarch64", PI5_CPUINFO)  # Raspberry Pi 5, Cortex-A76
+    assert pi5 == {"NEON": True, "DOTPROD": True, "FP16": True, "I8MM": False, "SVE": False}
+    spr, src = cpu.features("x86_64", SPR_FLAGS)  # Sapphire Rapids
+    assert spr == {"AVX2": True, "AVX-512": True, "AVX512-VNNI": True, "AMX": True} and src == "/proc/cpuinfo"
+    old, _ = cpu.features("x86_64", "flags : fpu sse sse2 avx\n")
+    assert not any(old.values())
+
+
+def test_doctor_reports_cpu_features_and_the_build():
+    """doctor's CPU line is /proc/cpuinfo's; the build line is llama.cpp's own system info; the wheel
+    has no AMX code and extra buffer types stay off."""
+    import llama_cpp
+
+    info = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)["cpu"]
+    if Path("/proc/cpuinfo").is_file() and platform.machine() == "x86_64":
+        flags = Path("/proc/cpuinfo").read_text()
+        assert info["features"]["AVX2"] == (" avx2" in flags) and info["features"]["AMX"] == (" amx_tile" in flags)
+    system = llama_cpp.llama_print_system_info().decode()
+    assert info["build"] and all(f"{name} = 1" in system for name in info["build"])
+    assert not info["amx_in_build"] and info["warning"] is None
+    text = CliRunner().invoke(cli, ["doctor"]).output
+    assert "cpu: " in text and "extra buffer types (repack, AMX): off" in text

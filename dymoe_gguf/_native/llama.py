@@ -180,3 +180,17 @@ def last_logits(llm: Any) -> Any:
 
     ptr = low.llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+def build_features() -> dict[str, bool]:
+    """What this llama.cpp build compiled in, from ``llama_print_system_info`` (``"AVX2 = 1 | ..."``):
+    ``{"AVX2": True, "AMX_INT8": False, "REPACK": True, ...}`` for every ``NAME = 0|1`` it lists."""
+    import llama_cpp
+
+    text = llama_cpp.llama_print_system_info().decode(errors="replace")
+    out = {}
+    for part in text.replace(":", "|").split("|"):
+        name, eq, value = part.partition("=")
+        if eq and value.strip() in ("0", "1"):
+            out[name.strip()] = value.strip() == "1"
+    return out

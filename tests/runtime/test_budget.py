@@ -124,6 +124,8 @@ def test_budget_holds_through_prompt_and_generation(request, model, mode):
     assert s.pager["evictions"] > 0  # the budget really bound
     worst = max(prompt_phase.samples), max(decode_phase.samples)
     assert len(prompt_phase.samples) > 5 and len(decode_phase.samples) > 100
+    print(f"\nbudget {model} {mode}: max resident / budget, prompt {worst[0] / budget:.3f}, "
+          f"decode {worst[1] / budget:.3f} ({len(prompt_phase.samples)}/{len(decode_phase.samples)} samples)")
     assert max(worst) <= SLACK * budget, (model, mode, [round(w / budget, 3) for w in worst])
 
 
