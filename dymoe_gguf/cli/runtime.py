@@ -203,14 +203,16 @@ def eval_cmd(bundle: Path, text_file: Path, reference: Path | None, ctx: int, ma
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="Also write an importance matrix (llama.cpp GGUF format) for convert --imatrix.")
 @click.option("-t", "--threads", type=click.IntRange(1, 512))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @errors
 def calibrate(bundle: Path, text_file: Path, ctx: int, max_chunks: int | None, imatrix: Path | None,
-              threads: int | None, as_json: bool) -> None:
+              threads: int | None, quiet: bool, as_json: bool) -> None:
     """Record BUNDLE's routing on calibration text; store the importance profile in the bundle."""
     from dymoe_gguf.quality.calibrate import calibrate as run_calibrate
 
-    res = run_calibrate(bundle, text_file, ctx=ctx, max_chunks=max_chunks, imatrix_out=imatrix, n_threads=threads)
+    res = run_calibrate(bundle, text_file, ctx=ctx, max_chunks=max_chunks, imatrix_out=imatrix, n_threads=threads,
+                        progress=not (quiet or as_json) and sys.stderr.isatty())
     d = res.to_dict()
     lines = [f"profile of {d['tokens']} tokens -> {d['path']}" + (f"; imatrix -> {d['imatrix']}" if imatrix else "")]
     for i, (h, top) in enumerate(zip(d["normalized_entropy"], d["top_expert_share"])):

@@ -83,8 +83,10 @@ class _ImatrixAccumulator:
 
 
 def calibrate(bundle: Path, text_file: Path, *, ctx: int = 512, max_chunks: int | None = None,
-              imatrix_out: Path | None = None, n_threads: int | None = None) -> CalibrationResult:
-    """Run the bundle on ``text_file`` and store its routing profile (and optionally an imatrix)."""
+              imatrix_out: Path | None = None, n_threads: int | None = None,
+              progress: bool = False) -> CalibrationResult:
+    """Run the bundle on ``text_file`` and store its routing profile (and optionally an imatrix).
+    ``progress`` shows a tqdm bar over the chunks (on stderr)."""
     from dymoe_gguf.runtime.controller import Controller
 
     if not text_file.is_file():
@@ -100,9 +102,18 @@ def calibrate(bundle: Path, text_file: Path, *, ctx: int = 512, max_chunks: int 
         llm = ctl.llama(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=n_threads)
         chunks = tokenize_chunks(llm, text, ctx, max_chunks)
         ctl.trace = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(chunks), unit="chunk", desc="calibrate", leave=False)
         for chunk in chunks:
             llm.reset()
             llm.eval(chunk)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         if ctl.observer is not None and ctl.observer.error is not None:
             raise DymoeError(f"eval callback failed: {ctl.observer.error}")
         trace = _to_trace(ctl.trace, len(index.moe_layers), index.n_expert)
