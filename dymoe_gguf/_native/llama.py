@@ -194,3 +194,11 @@ def build_features() -> dict[str, bool]:
         if eq and value.strip() in ("0", "1"):
             out[name.strip()] = value.strip() == "1"
     return out
+
+
+def server_model(proxy: Any) -> None:
+    """Make ``proxy`` the model llama-cpp-python's server routes use. They read the module's one
+    private ``_llama_proxy``; its public setter would load a model from settings instead."""
+    from llama_cpp.server import app
+
+    app._llama_proxy = proxy

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from dymoe_gguf import __version__
+from dymoe_gguf._native.llama import server_model
 from dymoe_gguf.serve.metrics import prometheus, stats_json
 from dymoe_gguf.serve.model import ModelThread, SerialLlama
 from dymoe_gguf.serve.validate import ValidateRequests, error_body
@@ -51,8 +52,7 @@ def create_app(model: ModelThread, alias: str) -> Any:
 
     # queue concurrent requests: never cut a running stream short when another request arrives
     upstream.set_server_settings(ServerSettings(interrupt_requests=False))
-    # the routes read the module's one proxy; its own setter would load a model from settings
-    upstream._llama_proxy = _OneModel(model.llama(alias), alias)  # type: ignore[assignment]
+    server_model(_OneModel(model.llama(alias), alias))
 
     session = model.session
     started = time.time()

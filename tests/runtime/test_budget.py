@@ -104,14 +104,21 @@ def _q4k_expert_bytes(bundle: Path) -> int:
     return int(idx.expert_bytes()[..., idx.tiers.index(Tier.Q4_K)].sum())
 
 
+def _cases() -> list[tuple[str, str, str]]:
+    """(model, mode, hot path): both models in every mode with the runtime's default safe point (C for
+    per-expert on a patched build, Python for per-layer), and per-expert with the Python one."""
+    modes = _modes()
+    return ([(m, mode, "auto") for m in ("shipped", "olmoe_shape") for mode in modes]
+            + [("shipped", "per-expert", "python")] * ("per-expert" in modes))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", _modes())
-@pytest.mark.parametrize("model", ["shipped", "olmoe_shape"])
-def test_budget_holds_through_prompt_and_generation(request, model, mode):
+@pytest.mark.parametrize(("model", "mode", "hot"), _cases())
+def test_budget_holds_through_prompt_and_generation(request, model, mode, hot):
     bundle = request.getfixturevalue(model)
     budget = _q4k_expert_bytes(bundle) // 2
     _drop_cache(bundle)
-    with Controller.open(bundle, memory_budget=budget, policy="dymoe", mode=mode) as ctl:
+    with Controller.open(bundle, memory_budget=budget, policy="dymoe", mode=mode, hot_path=hot) as ctl:
         llm = ctl.llama(n_ctx=2560, n_batch=512, n_threads=2)
         prompt = _prompt(llm, 512)
         with Residency(bundle) as prompt_phase:
@@ -121,10 +128,11 @@ def test_budget_holds_through_prompt_and_generation(request, model, mode):
                 llm.eval([llm.sample(temp=0.0)])
         s = ctl.stats()
     assert s.callback_error is None and s.mode == mode and s.tokens >= 2512
+    assert s.hot_path == ("native" if hot == "auto" and mode == "per-expert" else "python")
     assert s.pager["evictions"] > 0  # the budget really bound
     worst = max(prompt_phase.samples), max(decode_phase.samples)
     assert len(prompt_phase.samples) > 5 and len(decode_phase.samples) > 100
-    print(f"\nbudget {model} {mode}: max resident / budget, prompt {worst[0] / budget:.3f}, "
+    print(f"\nbudget {model} {mode} {s.hot_path}: max resident / budget, prompt {worst[0] / budget:.3f}, "
           f"decode {worst[1] / budget:.3f} ({len(prompt_phase.samples)}/{len(decode_phase.samples)} samples)")
     assert max(worst) <= SLACK * budget, (model, mode, [round(w / budget, 3) for w in worst])
 
