@@ -53,12 +53,19 @@ AMX_OFF=""
 if [ "$(uname -m)" = x86_64 ]; then
     AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
+# macOS: the patches are for the CPU backend, so Metal stays off for now (llama.cpp turns it on there).
+PLATFORM_CMAKE=""
+if [ "$(uname -s)" = Darwin ]; then
+    PLATFORM_CMAKE="-DGGML_METAL=OFF"
+fi
+NPROC="$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)"
 KEY="$(
     {
         sdist_key_lines
         echo "arch $(uname -m)"
         echo "python $PYVER"
         echo "cflags $AMX_OFF"
+        [ -z "$PLATFORM_CMAKE" ] || echo "cmake $PLATFORM_CMAKE"
     } | "$PY" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:32])'
 )"
 WHEEL_DIR="$CACHE/wheels/$KEY"
@@ -78,8 +85,8 @@ if [ -z "$WHEEL" ]; then
     mkdir -p "$WHEEL_DIR.tmp"
     rm -f "$WHEEL_DIR.tmp"/*.whl
     start=$(date +%s)
-    CMAKE_ARGS="${CMAKE_ARGS:-}${AMX_OFF:+ -DCMAKE_C_FLAGS='$AMX_OFF' -DCMAKE_CXX_FLAGS='$AMX_OFF'}" \
-        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip wheel --no-deps "$SRC" -w "$WHEEL_DIR.tmp" >&2
+    CMAKE_ARGS="${CMAKE_ARGS:-}${PLATFORM_CMAKE:+ $PLATFORM_CMAKE}${AMX_OFF:+ -DCMAKE_C_FLAGS='$AMX_OFF' -DCMAKE_CXX_FLAGS='$AMX_OFF'}" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$NPROC" "$PY" -m pip wheel --no-deps "$SRC" -w "$WHEEL_DIR.tmp" >&2
     log "wheel built in $(( $(date +%s) - start )) s"
     rm -rf "$WHEEL_DIR"
     mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
