@@ -82,7 +82,7 @@ def invoke(args: list[str]):
 
 
 def test_readme_examples_end_to_end(world):
-    local = {"path/to/hf-model": str(MODEL), "model/": str(MODEL)}
+    local = {"path/to/hf-model": str(MODEL), "model/": str(MODEL), "models/tiny-moe": str(MODEL)}
     for args in readme_commands():
         invoke([local.get(a, a) for a in args])
     assert not (world / "m.dymoe").exists()  # --dry-run wrote nothing
