@@ -16,10 +16,12 @@
 #   1. tests/native/c/views_test.c: one MoE layer mixing Q2_K/Q4_K/Q8_0 experts through per-expert views
 #      is bit-identical to the whole-layer path, prompt and decode batches, 1 and 2 threads, every build;
 #   2. tests/native/c/forward.c on the shipped model's bundle (models/tiny-moe converted with defaults):
-#      plain, with per-expert views mixing the three tiers, and with every expert viewed at the base
-#      tier Q4_K. Within each build: 1 and 2 threads bit-identical, and Q4_K views bit-identical to
-#      plain. Across builds: each aarch64 build against x86-native within the tolerance measured here
-#      between x86-native and x86-avx2 (see tests/native/fwd_compare.py --verdict);
+#      plain, with per-expert views mixing the three tiers, with every expert viewed at the base
+#      tier Q4_K, and mixed with patch 0003's C hot path hooked on every MoE layer (--hook: forward.c
+#      checks the hook's log, misses and counters itself). Within each build: 1 and 2 threads
+#      bit-identical, Q4_K views bit-identical to plain, the hook bit-identical to mixed. Across
+#      builds: each aarch64 build against x86-native within the tolerance measured here between
+#      x86-native and x86-avx2 (see tests/native/fwd_compare.py --verdict);
 #   3. the same runs under qemu's -p 16384 (the guest sees 16 KiB pages): bit-identical to 4 KiB.
 # Needs the project's .venv (scripts/setup.sh) for convert and the comparison.
 set -euo pipefail
@@ -106,12 +108,13 @@ MODEL="$OUT/tiny.dymoe/model.gguf"
 TEXT="$OUT/text.txt"
 head -c 4096 data/heldout.txt > "$TEXT"   # 128 + 4 tokens need far less; tokenizing under qemu is slow
 N=128
-fwd() {  # fwd LABEL RUNNER... -- : forward.c for the three modes
+fwd() {  # fwd LABEL RUNNER...: forward.c for the four modes
     local label="$1"; shift
     local runner=("$@")
     "${runner[@]}" "$MODEL" "$TEXT" "$N" "$T" "$OUT/$label.plain.bin" &&
     "${runner[@]}" "$MODEL" "$TEXT" "$N" "$T" "$OUT/$label.mixed.bin" "$OUT/tiny.dymoe" &&
-    "${runner[@]}" "$MODEL" "$TEXT" "$N" "$T" "$OUT/$label.q4k.bin" "$OUT/tiny.dymoe" Q4_K
+    "${runner[@]}" "$MODEL" "$TEXT" "$N" "$T" "$OUT/$label.q4k.bin" "$OUT/tiny.dymoe" Q4_K &&
+    "${runner[@]}" --hook "$MODEL" "$TEXT" "$N" "$T" "$OUT/$label.hook.bin" "$OUT/tiny.dymoe"
 }
 for T in $THREADS; do
     check "forward x86-native t$T" fwd "x86-native.t$T" "$X86N/forward"

@@ -9,8 +9,9 @@ relative to the largest |logit|, the largest per-position KL divergence between 
 distributions, and the share of positions whose most likely token agrees. Token ids must be equal.
 
 ``--verdict`` reads DIR/<build>.t<threads>.<mode>.bin (modes: plain, mixed = per-expert views mixing
-Q2_K/Q4_K/Q8_0, q4k = every expert viewed at the base tier) and checks: within each build, every
-thread count gives the same bits and q4k gives plain's bits; across builds, each aarch64 build is
+Q2_K/Q4_K/Q8_0, q4k = every expert viewed at the base tier, hook = mixed with patch 0003's C hot path
+hooked on every MoE layer) and checks: within each build, every thread count gives the same bits, q4k
+gives plain's bits and hook gives mixed's bits; across builds, each aarch64 build is
 within TOLERANCE_FACTOR x the difference measured between the two x86 builds (x86-native, x86-avx2:
 two SIMD code paths over the same source, i.e. the size of a legitimate float-rounding difference);
 with --page16k, that run reports 16 KiB pages and gives the bits of the same build at 4 KiB.
@@ -85,7 +86,7 @@ def compare(a: Forward, b: Forward) -> Diff:
 
 # An aarch64 build may differ from x86-native by at most this many times what x86-avx2 differs from it.
 TOLERANCE_FACTOR = 2.0
-MODES = ("plain", "mixed", "q4k")
+MODES = ("plain", "mixed", "q4k", "hook")
 
 
 def _same_bits(a: Forward, b: Forward) -> bool:
@@ -105,9 +106,11 @@ def verdict(out: Path, builds: list[str], threads: list[str], page16k: str | Non
     t_max = threads[-1]
     for b in builds:
         same_t = all(_same_bits(runs[b, threads[0], m], runs[b, t, m]) for t in threads for m in MODES)
-        report(same_t, f"{b}: threads {' and '.join(threads)} give the same bits (plain, mixed, q4k)")
+        report(same_t, f"{b}: threads {' and '.join(threads)} give the same bits ({', '.join(MODES)})")
         q4k = all(_same_bits(runs[b, t, "plain"], runs[b, t, "q4k"]) for t in threads)
         report(q4k, f"{b}: every expert viewed at Q4_K (the base tier, from the sidecar) = plain, bit for bit")
+        hook = all(_same_bits(runs[b, t, "mixed"], runs[b, t, "hook"]) for t in threads)
+        report(hook, f"{b}: mixed with the C hot path (patch 0003) hooked on every MoE layer = mixed, bit for bit")
         mixed = runs[b, t_max, "mixed"]
         d = compare(runs[b, t_max, "plain"], mixed)
         report(mixed.n_views > 0 and d.max_abs > 0,
