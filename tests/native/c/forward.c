@@ -1,7 +1,7 @@
 // A forward pass through libllama, for comparing logits across builds (x86 SIMD levels, aarch64 under
 // qemu) on the same model and text.
 //
-// usage: forward [--hook] MODEL.gguf TEXT N_PROMPT N_THREADS OUT.bin [BUNDLE_DIR [TIERS]]
+// usage: forward [--hook] [--kv-f32] MODEL.gguf TEXT N_PROMPT N_THREADS OUT.bin [BUNDLE_DIR [TIERS]]
 //
 // Loads MODEL with mmap and without extra buffer types (use_extra_bufts = false: no repack, no AMX;
 // the product's setting), tokenizes TEXT as llama-perplexity does (BOS added when the vocabulary asks
@@ -25,6 +25,10 @@
 // model renormalises), misses only of experts not ready and, per layer, as many as the distinct
 // experts each call selected that were not ready (from the log), the use counters equal to the
 // distinct experts of each call, valid prefetch requests.
+//
+// --kv-f32: an F32 KV cache instead of llama.cpp's default F16. The attention products then run in F32
+// on every CPU; with F16, a CPU with FP16 vector arithmetic (Cortex-A76: -mcpu=cortex-a76) accumulates
+// ggml's F16 dot products in FP16 lanes (ggml-cpu/simd-mappings.h), where x86 widens to F32.
 //
 // OUT.bin: "DYMFWD01", int32 n_vocab, n_prompt, n_decode, page size, n_views; int32 tokens
 // [n_prompt + n_decode]; float32 logits [n_prompt + n_decode][n_vocab]. Exit 0 on success.
@@ -321,14 +325,16 @@ static void hot_finish(struct hot_run * h, int n_tokens) {
 }
 
 int main(int argc, char ** argv) {
-    int hook = 0;
-    if (argc > 1 && strcmp(argv[1], "--hook") == 0) {
-        hook = 1;
+    int hook = 0, kv_f32 = 0;
+    while (argc > 1 && strncmp(argv[1], "--", 2) == 0) {
+        if (strcmp(argv[1], "--hook") == 0) hook = 1;
+        else if (strcmp(argv[1], "--kv-f32") == 0) kv_f32 = 1;
+        else { fprintf(stderr, "forward: unknown option %s\n", argv[1]); return 2; }
         argv++;
         argc--;
     }
     if (argc < 6 || argc > 8) {
-        fprintf(stderr, "usage: forward [--hook] MODEL.gguf TEXT N_PROMPT N_THREADS OUT.bin [BUNDLE_DIR [TIERS]]\n");
+        fprintf(stderr, "usage: forward [--hook] [--kv-f32] MODEL.gguf TEXT N_PROMPT N_THREADS OUT.bin [BUNDLE_DIR [TIERS]]\n");
         return 2;
     }
     const int n_prompt = atoi(argv[3]), n_threads = atoi(argv[4]);
@@ -357,6 +363,7 @@ int main(int argc, char ** argv) {
     cp.n_seq_max = 1;
     cp.n_threads = cp.n_threads_batch = n_threads;
     cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    if (kv_f32) cp.type_k = cp.type_v = GGML_TYPE_F32;
     cp.cb_eval = on_eval;
     cp.cb_eval_user_data = NULL;
     struct llama_context * ctx = llama_init_from_model(model, cp);
