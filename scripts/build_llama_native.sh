@@ -6,6 +6,7 @@
 #                                      [--cached-only] [--key]
 #   --variant V     x86-native       this x86-64 CPU (-march=native, as the wheel is built)
 #                   x86-avx2         x86-64 AVX2+FMA+F16C, no AVX-512 (another SIMD path on the same CPU)
+#                   x86-scalar       x86-64 baseline, no SSE4.2/AVX/F16C/FMA: ggml's generic C kernels
 #                   aarch64-a76      Raspberry Pi 5 (-mcpu=cortex-a76: NEON, dotprod, fp16), cross-built
 #                   aarch64-armv8.2  generic armv8.2-a (-march=armv8.2-a: NEON, no dotprod), cross-built
 #   --stock         without patches/ (its own cache key)
@@ -30,7 +31,7 @@
 # with use_extra_bufts = false (the product's own setting; llama.cpp issue 20824).
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 STOCK=0
 VARIANT=""
@@ -81,11 +82,15 @@ CMAKE_ARGS=(
 )
 ARCH_CFLAGS=""
 case "$VARIANT" in
-    x86-native|x86-avx2)
+    x86-native|x86-avx2|x86-scalar)
         [ "$HOST_ARCH" = x86_64 ] || { echo "error: variant $VARIANT needs an x86_64 host (this is $HOST_ARCH)" >&2; exit 2; }
         CC="${CC:-gcc}"; CXX="${CXX:-g++}"
         if [ "$VARIANT" = x86-native ]; then
             CMAKE_ARGS+=(-DGGML_NATIVE=ON)
+        elif [ "$VARIANT" = x86-scalar ]; then
+            # the generic C kernels of every op (what a CPU without a SIMD path of its own runs)
+            CMAKE_ARGS+=(-DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF
+                         -DGGML_FMA=OFF -DGGML_F16C=OFF -DGGML_AVX512=OFF)
         else
             # GGML_NATIVE=OFF turns on SSE4.2, AVX, AVX2, BMI2, FMA and F16C and leaves AVX-512 off
             CMAKE_ARGS+=(-DGGML_NATIVE=OFF -DGGML_AVX512=OFF)
@@ -105,7 +110,7 @@ case "$VARIANT" in
         if [ "$VARIANT" = aarch64-a76 ]; then ARCH_CFLAGS="-mcpu=cortex-a76"; else ARCH_CFLAGS="-march=armv8.2-a"; fi
         CMAKE_ARGS+=(-DGGML_NATIVE=OFF "-DCMAKE_C_FLAGS=$ARCH_CFLAGS" "-DCMAKE_CXX_FLAGS=$ARCH_CFLAGS")
         ;;
-    *) echo "error: unknown variant '$VARIANT' (x86-native, x86-avx2, aarch64-a76, aarch64-armv8.2)" >&2; exit 2 ;;
+    *) echo "error: unknown variant '$VARIANT' (x86-native, x86-avx2, x86-scalar, aarch64-a76, aarch64-armv8.2)" >&2; exit 2 ;;
 esac
 command -v "$CC" >/dev/null 2>&1 || { echo "error: C compiler not found: $CC (aarch64: apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)" >&2; exit 2; }
 command -v "$CXX" >/dev/null 2>&1 || { echo "error: C++ compiler not found: $CXX" >&2; exit 2; }

@@ -5,7 +5,8 @@ across builds; here they run on this machine's own build:
 
 * views_test: patch 0001 against ggml alone (one MoE layer mixing Q2_K/Q4_K/Q8_0 through per-expert
   views is bit-identical to the whole-layer path; prompt and decode batches; 1, 2 and 3 threads);
-* forward: the shipped model's bundle through libllama, plain and with per-expert views into its sidecars.
+* forward: the shipped model's bundle through libllama, plain and with per-expert views into its sidecars,
+  and with patch 0003's C hot path hooked on every MoE layer (``--hook``).
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ def shipped_bundle(tmp_path_factory) -> Path:
     return out
 
 
-def _forward(bin_dir: Path, bundle: Path, out: Path, threads: int, *views: str) -> fwd_compare.Forward:
-    cmd = [str(bin_dir / "forward"), str(bundle / "model.gguf"), str(HELDOUT), "64", str(threads), str(out)]
+def _forward(bin_dir: Path, bundle: Path, out: Path, threads: int, *views: str,
+             hook: bool = False) -> fwd_compare.Forward:
+    cmd = [str(bin_dir / "forward"), *(["--hook"] if hook else []), str(bundle / "model.gguf"), str(HELDOUT), "64",
+           str(threads), str(out)]
     if views:
         cmd += [str(bundle), *views[1:]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
+    assert ("forward: hook: " in p.stdout) == hook, p.stdout
     return fwd_compare.load(out)
 
 
@@ -72,3 +76,12 @@ def test_forward_with_views_on_the_shipped_bundle(bin_dir, shipped_bundle, tmp_p
     # mixed tiers: a different model, close to the base one
     d = fwd_compare.compare(plain2, mixed)
     assert d.max_abs > 0 and d.top1_agree > 0.7, d
+
+
+def test_forward_with_the_c_hot_path(bin_dir, shipped_bundle, tmp_path):
+    # forward --hook checks the hook's log, misses and counters against each other (exit 3 otherwise);
+    # the hook reads and publishes but changes no computed value: the bits of the same run without it
+    mixed = _forward(bin_dir, shipped_bundle, tmp_path / "mixed.bin", 2, "views")
+    hooked = _forward(bin_dir, shipped_bundle, tmp_path / "hooked.bin", 2, "views", hook=True)
+    assert hooked.n_views == mixed.n_views > 0
+    assert np.array_equal(hooked.logits.view(np.uint32), mixed.logits.view(np.uint32))
