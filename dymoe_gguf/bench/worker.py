@@ -13,7 +13,8 @@ What is timed, from a cold page cache (``posix_fadvise(DONTNEED)`` on every file
   :func:`dymoe_gguf.bench.timing.decode_times`). Decode steps feed a fixed, seeded token sequence (the
   same in every configuration), so every configuration routes the same inputs; greedy output of a
   random-weight model would loop on a few tokens and make routing unrealistically repetitive.
-* ``callback_share`` — the controller's eval-callback seconds during those steps ÷ their time.
+* ``callback_share`` — the controller's eval-callback seconds during those steps ÷ their time;
+  ``callback_s_per_layer_token`` the same seconds ÷ (steps × MoE layers).
 
 Measured alongside: bytes read from storage (``/proc/self/io`` read_bytes, all threads, including the
 pager's prefetches), major page faults (``getrusage``), peak RSS (``VmHWM`` and psutil samples),
@@ -165,8 +166,7 @@ def run_speed(cfg: dict) -> dict:
         steps = decode_times(llm, feed, first=first, on_step=sample_rss)
         m3 = Meter()
         stats = ctl.stats().to_dict() if ctl is not None else None
-        if stats:
-            stats.pop("tiers_by_layer", None)
+        n_moe = len(stats.pop("tiers_by_layer", None) or []) if stats else 0
     finally:
         if ctl is not None:
             ctl.close()
@@ -189,6 +189,8 @@ def run_speed(cfg: dict) -> dict:
         "cpu_s_per_token": decode["cpu_seconds"] / n,
         "callback_s_per_token": (stats["callback_seconds"] - cb0) / n if stats else None,
         "callback_share": (stats["callback_seconds"] - cb0) / sum(steps) if stats else None,
+        # the hot path's cost per MoE layer per token (issue 13's target: <= 50 us)
+        "callback_s_per_layer_token": (stats["callback_seconds"] - cb0) / (n * n_moe) if stats and n_moe else None,
         # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
         "peak_rss": max(rss_peak, proc_status().get("VmHWM", 0)), "ru_maxrss": ru.ru_maxrss * 1024,
         "resident_model_bytes": sum(resident_bytes(files).values()),
