@@ -67,9 +67,12 @@ def test_worker_runs_stock_and_dymoe(tiny):
     # the callback's share of decode time: its seconds during the 64 steps over their sum
     assert 0 < dy["callback_share"] < 1
     assert dy["callback_s_per_token"] == pytest.approx(dy["callback_share"] * sum(dy["step_s"]) / 64, rel=0.01)
-    # ... and per MoE layer per token (issue 13's hot-path target is stated in that unit)
+    # ... and per MoE layer per token (issue 13's hot-path target is stated in that unit), without the
+    # demand reads the Python callback's seconds include (skip keeps this run on the Python path)
     n_moe = len(BundleIndex(tiny).moe_layers)
-    assert dy["callback_s_per_layer_token"] == pytest.approx(dy["callback_s_per_token"] / n_moe, rel=1e-6)
+    assert c["hot_path"] == "python" and 0 <= dy["miss_s_per_token"] <= dy["callback_s_per_token"]
+    own = dy["callback_s_per_token"] - dy["miss_s_per_token"]
+    assert dy["callback_s_per_layer_token"] == pytest.approx(own / n_moe, rel=1e-6, abs=1e-9)
     assert stock["callback_s_per_layer_token"] is None
 
 
