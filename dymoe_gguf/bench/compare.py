@@ -82,6 +82,7 @@ def _vs(b: dict | None, t: dict | None, dy: dict | None, suffix: str = "") -> di
         f"ttft_ratio_tuned{suffix}": ratio(get(t, "ttft_s"), get(dy, "ttft_s")),
         f"bytes_per_token_ratio{suffix}": ratio(get(dy, "bytes_per_token"), get(b, "bytes_per_token")),
         f"bound_ratio{suffix}": get(dy, "bound_ratio"), f"callback_share{suffix}": get(dy, "callback_share"),
+        f"callback_s_per_layer_token{suffix}": get(dy, "callback_s_per_layer_token"),
         f"dymoe_tpot_s{suffix}": get(dy, "tpot_s"), f"dymoe_ttft_s{suffix}": get(dy, "ttft_s"),
         f"dymoe_bytes_per_token{suffix}": get(dy, "bytes_per_token"),
     }
@@ -117,7 +118,9 @@ def headline(runs: list[dict], cap_share: float, capped: bool, read_bps: int | N
           "baseline_bytes_per_token": b["bytes_per_token"] if b else None,
           "tuned_bytes_per_token": t["bytes_per_token"] if t else None,
           "bound_ratios": {n: r.get("bound_ratio") for n, r in at.items() if r.get("ok") and r.get("bound_ratio")},
-          "lookahead_recall": c.get("lookahead_recall"), "hit_rate": c.get("hit_rate")}
+          "lookahead_recall": c.get("lookahead_recall"), "hit_rate": c.get("hit_rate"),
+          "lookahead_precision": c.get("lookahead_precision"), "prefetch_on": c.get("prefetch_on"),
+          "hot_path": c.get("hot_path")}
     if sk:
         h |= _vs(b, t, sk, "_skip")
     if not capped:

@@ -67,7 +67,9 @@ def plot(result: dict, out: Path) -> list[Path]:
         labels = sorted({r["label"] for r in pts})
         for i, lab in enumerate(labels):
             mine = [r for r in pts if r["label"] == lab]
-            ax.scatter([1000 * r["tpot_s"] for r in mine], [r["kl"] for r in mine], label=lab, color=cmap(i % 20))
+            marker = "s" if (mine[0].get("options") or {}).get("mode") == "per-layer" else "o"  # squares: per-layer
+            ax.scatter([1000 * r["tpot_s"] for r in mine], [r["kl"] for r in mine], label=lab, color=cmap(i % 20),
+                       marker=marker)
             for r in mine:
                 ax.annotate(f"{100 * r['share']:.0f}%", (1000 * r["tpot_s"], r["kl"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")

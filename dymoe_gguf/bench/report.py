@@ -103,7 +103,7 @@ def headline_table(result: dict) -> list[str]:
     ttft = [fmt(h["baseline_ttft_s"]), fmt(h["tuned_ttft_s"])]
     bpt = [fmt(h["baseline_bytes_per_token"], ".1f", mib), fmt(h["tuned_bytes_per_token"], ".1f", mib)]
     bound = [times(br.get("stock-q4k")), times(br.get("stock-q4k-tuned"))]
-    cb = ["—", "—"]
+    cb, us = ["—", "—"], ["—", "—"]
     for sx, _ in cols:
         tpot += [fmt(h[f"dymoe_tpot_s{sx}"], ".1f", 1000), f"**{times(h[f'tpot_ratio{sx}'])}**",
                  f"**{times(h[f'tpot_ratio_tuned{sx}'])}**"]
@@ -114,10 +114,12 @@ def headline_table(result: dict) -> list[str]:
                 times(ratio(h["tuned_bytes_per_token"], d))]
         bound += [times(h.get(f"bound_ratio{sx}")), "", ""]
         cb += [fmt(h.get(f"callback_share{sx}"), ".1%"), "", ""]
+        us += [fmt(h.get(f"callback_s_per_layer_token{sx}"), ".0f", 1e6), "", ""]
     rows += ["| TPOT (ms) | " + " | ".join(tpot) + " |", "| TTFT (s) | " + " | ".join(ttft) + " |",
              "| read from storage per token (MiB) | " + " | ".join(bpt) + " |",
              "| TPOT ÷ physical bound | " + " | ".join(bound) + " |",
-             "| controller callback, share of decode time | " + " | ".join(cb) + " |"]
+             "| controller callback, share of decode time | " + " | ".join(cb) + " |",
+             f"| hot path ({h.get('hot_path') or '—'}), µs per MoE layer per token | " + " | ".join(us) + " |"]
     return rows
 
 

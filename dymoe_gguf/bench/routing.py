@@ -9,7 +9,8 @@ the product's own code on real llama.cpp:
   token), 1 at ``log E`` (uniform);
 * ``transition`` — how predictable layer l+1's choice is from layer l's (calibrate's predictor);
 * ``lookahead_recall`` — the controller's own next-layer look-ahead recall (policy ``dymoe``,
-  look-ahead 1, no budget, ``lookahead_min_recall`` 0 so every layer is predicted) on the same text.
+  look-ahead 1, no budget, ``lookahead_min_recall`` 0 so every layer is predicted, Python hot path) on
+  the same text.
 
 Calibration runs on a *calibrated copy*: a directory of symlinks to the bundle's files plus the
 ``calibration.gguf`` it writes, so the bundle itself stays as converted (the bench's speed runs use
@@ -59,10 +60,13 @@ def calibrated_copy(bundle: Path, text: Path, dest: Path, *, ctx: int = 256, chu
 
 
 def lookahead_recall(bundle: Path, chunks: list[list[int]], *, ctx: int, threads: int | None) -> dict[str, Any]:
-    """The controller's next-layer look-ahead recall over ``chunks`` (every row of every layer scored)."""
+    """The controller's next-layer look-ahead recall over ``chunks`` (every row of every layer scored).
+
+    On the Python hot path: the C one (patches/0003) scores predictions only in one-token decodes, and the
+    chunks are evaluated as batches (its ``lookahead_recall`` stays None on them)."""
     from dymoe_gguf.runtime.controller import Controller
 
-    with Controller.open(bundle, policy="dymoe", lookahead=1, lookahead_min_recall=0.0) as ctl:
+    with Controller.open(bundle, policy="dymoe", lookahead=1, lookahead_min_recall=0.0, hot_path="python") as ctl:
         llm = ctl.llama(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=threads)
         for chunk in chunks:
             llm.reset()

@@ -12,7 +12,8 @@ For every point and share, two runs in their own processes:
 Two tables come out of the same runs: **dynamic vs static vs uniform** (:data:`EQUAL_BUDGET`, rows ×
 :data:`SHARES`) and the **Pareto front** of TPOT against KL (:data:`PARETO` ∪ :data:`EQUAL_BUDGET`, every
 share; a point is on the front when no other point has both lower TPOT and lower KL). To sweep a new
-runtime knob, add points here, e.g. ``Point("prefer speed", options={"prefer": "speed"})``.
+runtime knob, add points here, e.g. ``Point("skip 0.05", options={"skip_threshold": 0.05})``; the
+``prefer`` points (speed / balanced / quality, in both modes) choose that option's default.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ EQUAL_BUDGET: list[Point] = [
     Point("uniform Q2_K", "uniform:Q2_K"),
     Point("uniform Q4_K", "uniform:Q4_K"),
 ]
+PREFERS = ("speed", "balanced", "quality")  # the allocator's exchange rate (runtime/decide/cost.py)
 PARETO: list[Point] = [
-    Point("per-expert", options={"mode": "per-expert"}),
-    Point("per-layer", options={"mode": "per-layer"}),
+    *(Point(f"{mode}, prefer {pref}", options={"mode": mode, "prefer": pref})
+      for mode in ("per-expert", "per-layer") for pref in PREFERS),
     Point("per-expert, no look-ahead", options={"mode": "per-expert", "lookahead": 0}),
     Point("per-layer, no look-ahead", options={"mode": "per-layer", "lookahead": 0}),
 ]

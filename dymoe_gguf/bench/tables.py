@@ -53,7 +53,9 @@ def runs_table(result: dict, share: float, model: str | None = None) -> list[str
         c = r.get("controller") or {}
         if c:
             extra = (f"{c.get('mode')}, hit {fmt(c.get('hit_rate'), '.0%')}, look-ahead recall "
-                     f"{fmt(c.get('lookahead_recall'), '.0%')}")
+                     f"{fmt(c.get('lookahead_recall'), '.0%')} / precision {fmt(c.get('lookahead_precision'), '.0%')}"
+                     f", prefetch {({True: 'on', False: 'off'}).get(c.get('prefetch_on'), '—')}, hot path "
+                     f"{c.get('hot_path', '—')} {fmt(r.get('callback_s_per_layer_token'), '.0f', 1e6)} µs/layer/token")
             if c.get("skipped_slots"):
                 extra += f", skipped {skipped_share(r, result):.0%} of slots"
         labels = ("" if r["capped"] else " (uncapped)") + (
@@ -76,6 +78,7 @@ def models_table(result: dict) -> list[str]:
             ("TPOT × tuned stock", "tpot_ratio_tuned", times), ("TTFT × stock repack-off", "ttft_ratio", times),
             ("TPOT ÷ physical bound", "bound_ratio", times), ("callback share of decode", "callback_share",
                                                               lambda x: fmt(x, ".1%")),
+            ("hot path µs per MoE layer per token", "callback_s_per_layer_token", lambda x: fmt(x, ".0f", 1e6)),
             ("look-ahead recall (decode)", "lookahead_recall", lambda x: fmt(x, ".0%")),
             ("hit rate", "hit_rate", lambda x: fmt(x, ".0%"))]
     out = ["| | " + " | ".join(f"{m} routing" for m in bm) + " |", "|---|" + "---:|" * len(bm)]
@@ -148,6 +151,7 @@ def sweep_tables(result: dict) -> list[str]:
            "| policy | " + " | ".join(f"{100 * s:.0f}%" for s in shares) + " |", "|---|" + "---:|" * len(shares)]
     for label in sw["equal_budget"]:
         out.append(f"| {label} | " + " | ".join(cell(at.get((label, s))) for s in shares) + " |")
+    out += prefer_table(sw["rows"], shares)
     out += ["", "### Pareto front: TPOT against KL", "",
             "| configuration | budget | TPOT ms | KL | top-1 | hit rate | on the front |",
             "|---|---:|---:|---:|---:|---:|:---:|"]
@@ -155,6 +159,29 @@ def sweep_tables(result: dict) -> list[str]:
         out.append(f"| {r['label']} | {100 * r['share']:.0f}% | {fmt(r['tpot_s'], '.1f', 1000)} | "
                    f"{fmt(r['kl'], '.4f')} | {fmt(r['top1'], '.2%')} | {fmt(r.get('hit_rate'), '.0%')} | "
                    f"{'●' if r['pareto'] else ''} |")
+    return out
+
+
+def prefer_table(rows: list[dict], shares: list[float]) -> list[str]:
+    """The ``prefer`` points side by side: per-expert against per-layer at each budget (KL / TPOT ms)."""
+    at = {(r["options"].get("mode"), r["options"].get("prefer"), r["share"]): r for r in rows
+          if (r.get("options") or {}).get("prefer") and set(r["options"]) == {"mode", "prefer"}}
+    prefs = list(dict.fromkeys(p for _, p, _ in at))
+    if not prefs:
+        return []
+
+    def cell(r: dict | None) -> str:
+        if r is None or not (r["quality_ok"] and r["speed_ok"]):
+            return "—" if r is None else "failed"
+        return f"{r['kl']:.4f} / {1000 * r['tpot_s']:.1f}"
+
+    out = ["", "### `prefer` in both modes", "", "KL / TPOT ms at each budget (same runs as below).", "",
+           "| prefer | mode | " + " | ".join(f"{100 * s:.0f}%" for s in shares) + " |",
+           "|---|---|" + "---:|" * len(shares)]
+    for p in prefs:
+        for mode in ("per-expert", "per-layer"):
+            if any((mode, p, s) in at for s in shares):
+                out.append(f"| {p} | {mode} | " + " | ".join(cell(at.get((mode, p, s))) for s in shares) + " |")
     return out
 
 

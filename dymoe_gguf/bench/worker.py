@@ -13,7 +13,9 @@ What is timed, from a cold page cache (``posix_fadvise(DONTNEED)`` on every file
   :func:`dymoe_gguf.bench.timing.decode_times`). Decode steps feed a fixed, seeded token sequence (the
   same in every configuration), so every configuration routes the same inputs; greedy output of a
   random-weight model would loop on a few tokens and make routing unrealistically repetitive.
-* ``callback_share`` — the controller's eval-callback seconds during those steps ÷ their time.
+* ``callback_share`` — the controller's eval-callback seconds during those steps ÷ their time (on the
+  Python hot path they include its demand reads, on the C one they do not: ``miss_s_per_token``);
+  ``callback_s_per_layer_token`` the hot path's own seconds (reads not counted) ÷ (steps × MoE layers).
 
 Measured alongside: bytes read from storage (``/proc/self/io`` read_bytes, all threads, including the
 pager's prefetches), major page faults (``getrusage``), peak RSS (``VmHWM`` and psutil samples),
@@ -156,7 +158,8 @@ def run_speed(cfg: dict) -> dict:
         first = eval_prompt(llm, prompt)
         m2 = Meter()
         rss_peak = max(rss_peak, proc.memory_info().rss)
-        cb0 = ctl.stats().callback_seconds if ctl is not None else 0.0
+        s0 = ctl.stats() if ctl is not None else None
+        cb0, miss0 = (s0.callback_seconds, s0.miss_seconds) if s0 is not None else (0.0, 0.0)
 
         def sample_rss() -> None:
             nonlocal rss_peak
@@ -165,8 +168,10 @@ def run_speed(cfg: dict) -> dict:
         steps = decode_times(llm, feed, first=first, on_step=sample_rss)
         m3 = Meter()
         stats = ctl.stats().to_dict() if ctl is not None else None
-        if stats:
-            stats.pop("tiers_by_layer", None)
+        n_moe = len(stats.pop("tiers_by_layer", None) or []) if stats else 0
+        # the hot path's own cost: the Python callback's seconds include its demand reads, the C path's do not
+        miss = stats["miss_seconds"] - miss0 if stats else 0.0
+        hot = (stats["callback_seconds"] - cb0 - (miss if stats["hot_path"] == "python" else 0.0)) if stats else None
     finally:
         if ctl is not None:
             ctl.close()
@@ -189,6 +194,9 @@ def run_speed(cfg: dict) -> dict:
         "cpu_s_per_token": decode["cpu_seconds"] / n,
         "callback_s_per_token": (stats["callback_seconds"] - cb0) / n if stats else None,
         "callback_share": (stats["callback_seconds"] - cb0) / sum(steps) if stats else None,
+        # the hot path's cost per MoE layer per token, its reads of missing experts not counted (target <= 50 us)
+        "callback_s_per_layer_token": hot / (n * n_moe) if stats and n_moe else None,
+        "miss_s_per_token": miss / n if stats else None,
         # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
         "peak_rss": max(rss_peak, proc_status().get("VmHWM", 0)), "ru_maxrss": ru.ru_maxrss * 1024,
         "resident_model_bytes": sum(resident_bytes(files).values()),

@@ -30,6 +30,29 @@ def test_pareto_front_and_points():
     assert all(p.options.get("mode") != "per-expert" for p in points(False))
 
 
+def test_prefer_points_in_both_modes_and_their_table():
+    """The sweep places every ``prefer`` value in per-expert and per-layer mode (the default's evidence)."""
+    from dymoe_gguf.bench.sweeps import PREFERS
+    from dymoe_gguf.bench.tables import prefer_table
+    from dymoe_gguf.runtime.decide import PREFER
+
+    assert set(PREFERS) == set(PREFER)
+    opts = [p.options for p in points(True)]
+    for mode in ("per-expert", "per-layer"):
+        for pref in PREFERS:
+            assert {"mode": mode, "prefer": pref} in opts
+    assert {"mode": "per-layer", "prefer": "speed"} in [p.options for p in points(False)]
+    row = {"quality_ok": True, "speed_ok": True, "kl": 0.01, "tpot_s": 0.02}
+    rows = [dict(row, options={"mode": m, "prefer": p}, share=s) for m in ("per-expert", "per-layer")
+            for p in PREFERS for s in (0.25, 0.5)]
+    rows.append(dict(row, options={"mode": "per-expert", "lookahead": 0}, share=0.25))  # not a prefer point
+    rows[0] = dict(rows[0], speed_ok=False)
+    lines = prefer_table(rows, [0.25, 0.5])
+    assert sum(line.startswith("| ") for line in lines) == 1 + 6  # header + 3 prefers x 2 modes
+    assert "| speed | per-expert | failed | 0.0100 / 20.0 |" in lines
+    assert prefer_table([dict(row, options={}, share=0.25)], [0.25]) == []
+
+
 @pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="models/tiny-moe is not in this checkout")
 def test_sweeps_run_render_and_plot(tmp_path, bundle):
     """Real runs: the trained model (quality) and a tiny synthetic one (speed), both calibrated copies."""
