@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -123,6 +124,23 @@ def retire(llm: Any, error: Exception) -> None:
     llm.__class__ = ClosedLlama
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[list[int]]:
+    """While llama.cpp works (loading a model), SIGINT is recorded, not raised: it would be handled
+    inside a ctypes callback llama.cpp calls (its log callback), where ctypes swallows the
+    KeyboardInterrupt and the interrupt is lost. The list yielded holds the signals recorded; the caller
+    raises. Main thread only (elsewhere Python delivers no signal)."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = None, cb_user_data: Any = None,
                no_populate: bool = False, guard: Any = None, **kwargs: Any) -> Any:
     """A ``llama_cpp.Llama`` with repack switched off (default) and an optional eval callback.
@@ -152,7 +170,11 @@ def open_llama(model_path: Path | str, *, repack: bool = False, cb_eval: Any = N
         if no_populate:
             os.environ["DYMOE_NO_POPULATE"] = "1"
         try:
-            llm = cls(model_path=str(model_path), **kwargs)
+            with interrupts_deferred() as interrupted:
+                llm = cls(model_path=str(model_path), **kwargs)
+            if interrupted:
+                llm.close()
+                raise KeyboardInterrupt
             if guard is not None:
                 llm._dymoe_guard = guard
             return llm

@@ -106,7 +106,7 @@ def calibrate(bundle: Path, text_file: Path, *, ctx: int = 512, max_chunks: int 
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(chunks), unit="chunk", desc="calibrate", leave=False)
+            bar = tqdm(total=len(chunks), unit="chunk", desc="calibrate")
         for chunk in chunks:
             llm.reset()
             llm.eval(chunk)

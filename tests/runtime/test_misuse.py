@@ -40,7 +40,9 @@ def test_using_the_llama_after_close_raises(q8, policy):
         with Controller.open(BUNDLE, policy="{policy}", memory_budget="64MiB") as ctl:
             llm = ctl.llama(n_ctx=64, n_threads=1)
             llm.create_completion("Hello", max_tokens=2)
-            last = ctl.stats()
+            last, again = ctl.stats(), ctl.stats()  # a snapshot folds every decoded token in before it reads
+            key = lambda x: (x.tokens, x.lookahead_recall, x.callback_seconds)  # noqa: E731
+            assert key(last) == key(again), (key(last), key(again))
         for use in (lambda: llm.create_completion("Hi", max_tokens=2), lambda: llm.tokenize(b"x"),
                     lambda: llm.eval([1]), lambda: llm.n_vocab()):
             try:
@@ -48,7 +50,8 @@ def test_using_the_llama_after_close_raises(q8, policy):
                 print("NO ERROR")
             except ClosedError as exc:
                 assert "closed" in str(exc)
-        assert ctl.stats() == last  # the stats taken at close, no OSError from unmapped memory
+        final = ctl.stats()  # the stats taken at close, no OSError from unmapped memory
+        assert ctl.stats() == final and final.tokens == last.tokens  # (the pager's thread ran until close)
         ctl.close()
         llm.close()  # harmless
         print("done")
@@ -181,3 +184,60 @@ def test_ctrl_c_during_calibrate_publishes_nothing(q8, tmp_path):
     code, err, _ = _interrupt([exe, "calibrate", str(b), "--text", str(text), "--ctx", "64"], b / "model.gguf", after=2)
     assert code == 130, (code, err[-2000:])
     assert not (b / "calibration.gguf").exists() and not list(b.glob(".calibration*"))
+
+
+@LINUX
+def test_ctrl_c_while_the_sampler_calls_python_ends_the_generation(q8):
+    """SIGINT handled inside llama-cpp-python's sampler callback (our timing logits processor) must not
+    be lost: ctypes swallows an exception raised there, and the generation went on to the end (seen as
+    a ``run`` that ignored Ctrl-C). Here the signal is sent from inside that callback."""
+    res = _child("""
+        import os, signal
+        from dymoe_gguf.runtime import session
+        call = session.Meter.__call__
+        def poke(self, ids, scores):
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return call(self, ids, scores)
+        session.Meter.__call__ = poke
+        with session.Session.open(BUNDLE, n_ctx=512) as s:
+            pieces = 0
+            try:
+                for _ in s.complete("Hello", max_tokens=300):
+                    pieces += 1
+                print("NOT INTERRUPTED", s.llm.n_tokens)
+            except KeyboardInterrupt:
+                print("interrupted at", s.llm.n_tokens)
+    """, q8)
+    _ok(res)
+    assert "interrupted at" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) < 20, res.stdout
+
+
+@LINUX
+def test_ctrl_c_while_llama_cpp_loads_the_model_is_not_lost(q8):
+    """SIGINT handled inside a ctypes callback that llama.cpp calls while it loads (its log callback)
+    raised KeyboardInterrupt there, where ctypes swallows it: the load went on and so did the run (a
+    ``run`` that ignored Ctrl-C). The signal is sent from that callback here."""
+    res = _child("""
+        import ctypes, os, signal
+        import llama_cpp
+        sent = []
+        @llama_cpp.llama_log_callback
+        def log(level, text, user_data):
+            if not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+        for policy in ("dymoe", "off"):
+            sent.clear()
+            ctl = Controller.open(BUNDLE, policy=policy)
+            try:
+                ctl.llama(n_ctx=128, n_threads=1)
+                print("NOT INTERRUPTED", policy)
+            except KeyboardInterrupt:
+                print("interrupted", policy, len(sent))
+            ctl.close()
+    """, q8)
+    _ok(res)
+    assert "interrupted dymoe 1" in res.stdout and "interrupted off 1" in res.stdout, res.stdout + res.stderr[-2000:]
