@@ -12,8 +12,10 @@ first call marks the end of the prompt, the others the generated tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -95,6 +97,7 @@ class Meter:
     def __init__(self, llm: Any, stop: threading.Event | None = None) -> None:
         self._llm = llm
         self._stop = stop  # once set, the next token is end-of-generation (a server shutting down)
+        self.interrupted = False  # Ctrl-C arrived: the next token is end-of-generation, then KeyboardInterrupt
         self._before = _context(llm)
         self.t0 = time.perf_counter()
         self.first: float | None = None
@@ -122,7 +125,7 @@ class Meter:
             self.prompt_tokens = max(0, len(ctx) - same)
         self.calls += 1
         self.last = now
-        if self._stop is not None and self._stop.is_set():
+        if self.interrupted or (self._stop is not None and self._stop.is_set()):
             eos = self._llm.token_eos()
             keep = scores[eos]
             scores[:] = -np.inf
@@ -135,6 +138,27 @@ class Meter:
             return Timings(requests=0)
         return Timings(requests=1, prompt_tokens=self.prompt_tokens, prompt_seconds=self.first - self.t0,
                        generated_tokens=self.calls, generation_seconds=self.last - self.first)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ends(meter: Meter) -> Iterator[None]:
+    """During a generation (main thread), Ctrl-C ends it at the next token and KeyboardInterrupt is
+    raised when it has ended: raised wherever the signal lands, it could land inside a ctypes callback
+    llama.cpp calls, where it is swallowed and the generation goes on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        meter.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if meter.interrupted:
+        raise KeyboardInterrupt
 
 
 def _context(llm: Any) -> list[int]:
@@ -213,8 +237,9 @@ class Session:
         stream = self.llm.create_completion(prompt, max_tokens=max_tokens if max_tokens > 0 else None, stream=True,
                                             **with_meter(sampling.kwargs(), meter))
         try:
-            for chunk in stream:
-                yield chunk["choices"][0]["text"]
+            with _ctrl_c_ends(meter):
+                for chunk in stream:
+                    yield chunk["choices"][0]["text"]
         finally:
             self.timings.add(meter.timings())
 
@@ -245,10 +270,11 @@ class Session:
                 continue
             break
         try:
-            for chunk in ([first] if first is not None else []):
-                yield from _delta(chunk)
-            for chunk in stream:
-                yield from _delta(chunk)
+            with _ctrl_c_ends(meter):
+                for chunk in ([first] if first is not None else []):
+                    yield from _delta(chunk)
+                for chunk in stream:
+                    yield from _delta(chunk)
         finally:
             self.timings.add(meter.timings())
 
