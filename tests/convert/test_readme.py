@@ -87,7 +87,7 @@ def test_readme_examples_end_to_end(world):
         invoke([local.get(a, a) for a in args])
     assert not (world / "m.dymoe").exists()  # --dry-run wrote nothing
     bundles = sorted(p.parent for p in world.glob("*/model.gguf"))
-    assert [b.name for b in bundles] == ["m4.dymoe", "model.dymoe", "q3.dymoe", "q3k.dymoe", "t.dymoe"]
+    assert [b.name for b in bundles] == ["m4.dymoe", "model.dymoe", "q3.dymoe", "q3k.dymoe", "t.dymoe", "tiny.dymoe"]
     # what synth wrote converts too
     invoke(["convert", "out/", "-o", "synth.dymoe", "-q"])
     for b in [*bundles, world / "synth.dymoe"]:
