@@ -240,7 +240,7 @@ pid=$!
 while ! ls "$T"/.out.partial-*/experts.Q8_0.gguf >/dev/null 2>&1; do sleep 0.01; done
 sleep 0.3
 used=$(df -B1 --output=used "$T" | tail -1)
-mount -o remount,size=$((used + 65536)) "$T"
+for try in 1 2 3 4 5; do mount -o remount,size=$((used + 65536)) "$T" && break; sleep 0.05; done
 wait $pid; echo rc=$?; cat "{tmp_path}/log"'''
     out, left = in_tmpfs(tmp_path, script, size="512m")
     assert "rc=1" in out, out
