@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from dymoe_gguf.bundle import BundleIndex
 from dymoe_gguf.bundle.format import base_expert_name
@@ -102,18 +103,10 @@ def calibrate(bundle: Path, text_file: Path, *, ctx: int = 512, max_chunks: int 
         llm = ctl.llama(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=n_threads)
         chunks = tokenize_chunks(llm, text, ctx, max_chunks)
         ctl.trace = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(chunks), unit="chunk", desc="calibrate")
-        for chunk in chunks:
-            llm.reset()
-            llm.eval(chunk)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        with tqdm(chunks, unit="chunk", desc="calibrate", disable=not progress) as bar:
+            for chunk in bar:
+                llm.reset()
+                llm.eval(chunk)
         if ctl.observer is not None and ctl.observer.error is not None:
             raise DymoeError(f"eval callback failed: {ctl.observer.error}")
         trace = _to_trace(ctl.trace, len(index.moe_layers), index.n_expert)

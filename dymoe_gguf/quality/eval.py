@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from dymoe_gguf._native.llama import open_llama, vocab_special
 from dymoe_gguf.bundle import BundleIndex, Tier
@@ -164,7 +165,7 @@ def evaluate(bundle: Path, text_file: Path, *, reference: Path | None = None, ct
     kwargs = {"n_ctx": ctx, "n_batch": ctx, "n_ubatch": ctx, "logits_all": True, "n_threads": n_threads,
               "flash_attn": flash_attn}
     ctl = Controller.open(bundle, policy=policy, **policy_options)
-    ref_llm = bar = None
+    ref_llm = None
     try:
         # never llama.cpp's extra buffer types (repack, AMX), for every policy and the reference alike
         llm = ctl.llama(repack=False, **kwargs)
@@ -179,28 +180,21 @@ def evaluate(bundle: Path, text_file: Path, *, reference: Path | None = None, ct
                                  f"the bundle {llm.n_vocab()}: not the same model")
         first = ctx // 2
         acc = ppl_stats.Accumulator()
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(chunks), unit="chunk", desc="eval")
-        for chunk in chunks:
-            logits = chunk_logits(llm, chunk)[first:ctx - 1]
-            target = np.array(chunk[first + 1:ctx])
-            kl = None
-            if ref_path is not None:  # same model: the stored reference is the evaluated run itself
-                ref = chunk_logits(ref_llm, chunk)[first:ctx - 1] if ref_llm is not None else logits
-                kl = ppl_stats.kl_scores(logits, ppl_stats.store_log_probs(ref), target)
-            acc.add(ppl_stats.nll(logits, target), kl)
-            if bar is not None:
-                bar.update(1)
+        with tqdm(chunks, unit="chunk", desc="eval", disable=not progress) as bar:
+            for chunk in bar:
+                logits = chunk_logits(llm, chunk)[first:ctx - 1]
+                target = np.array(chunk[first + 1:ctx])
+                kl = None
+                if ref_path is not None:  # same model: the stored reference is the evaluated run itself
+                    ref = chunk_logits(ref_llm, chunk)[first:ctx - 1] if ref_llm is not None else logits
+                    kl = ppl_stats.kl_scores(logits, ppl_stats.store_log_probs(ref), target)
+                acc.add(ppl_stats.nll(logits, target), kl)
         stats = ctl.stats().to_dict() if policy != "off" else None
         if stats:
             stats.pop("tiers_by_layer", None)
         return EvalResult(**acc.summary(), tokens=acc.count, chunks=len(chunks), ctx=ctx,
                           reference=str(ref_path) if ref_path is not None else None, policy=policy, stats=stats)
     finally:
-        if bar is not None:
-            bar.close()
         if ref_llm is not None:
             ref_llm.close()
         ctl.close()
