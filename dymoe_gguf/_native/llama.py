@@ -126,8 +126,8 @@ def retire(llm: Any, error: Exception) -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[list[int]]:
-    """While llama.cpp works (loading a model), SIGINT is recorded, not raised: it would be handled
-    inside a ctypes callback llama.cpp calls (its log callback), where ctypes swallows the
+    """While llama.cpp works (loading a model, generating), SIGINT is recorded, not raised: it would be
+    handled inside a ctypes callback llama.cpp calls (its log callback, a sampler), where ctypes swallows the
     KeyboardInterrupt and the interrupt is lost. The list yielded holds the signals recorded; the caller
     raises. Main thread only (elsewhere Python delivers no signal)."""
     got: list[int] = []

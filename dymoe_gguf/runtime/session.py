@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dymoe_gguf._native.llama import interrupts_deferred
 from dymoe_gguf.errors import RuntimeConfigError
 from dymoe_gguf.runtime.controller import Controller
 from dymoe_gguf.util import human_bytes
@@ -97,7 +97,7 @@ class Meter:
     def __init__(self, llm: Any, stop: threading.Event | None = None) -> None:
         self._llm = llm
         self._stop = stop  # once set, the next token is end-of-generation (a server shutting down)
-        self.interrupted = False  # Ctrl-C arrived: the next token is end-of-generation, then KeyboardInterrupt
+        self.interrupts: list[int] = []  # SIGINTs recorded: the next token is end-of-generation
         self._before = _context(llm)
         self.t0 = time.perf_counter()
         self.first: float | None = None
@@ -125,7 +125,7 @@ class Meter:
             self.prompt_tokens = max(0, len(ctx) - same)
         self.calls += 1
         self.last = now
-        if self.interrupted or (self._stop is not None and self._stop.is_set()):
+        if self.interrupts or (self._stop is not None and self._stop.is_set()):
             eos = self._llm.token_eos()
             keep = scores[eos]
             scores[:] = -np.inf
@@ -142,22 +142,12 @@ class Meter:
 
 @contextlib.contextmanager
 def _ctrl_c_ends(meter: Meter) -> Iterator[None]:
-    """During a generation (main thread), Ctrl-C ends it at the next token and KeyboardInterrupt is
-    raised when it has ended: raised wherever the signal lands, it could land inside a ctypes callback
-    llama.cpp calls, where it is swallowed and the generation goes on."""
-    if threading.current_thread() is not threading.main_thread():
+    """During a generation, Ctrl-C ends it at the next token and KeyboardInterrupt is raised when it
+    has ended: raised wherever the signal lands, it could land inside a ctypes callback llama.cpp
+    calls, where it is swallowed and the generation goes on."""
+    with interrupts_deferred() as meter.interrupts:
         yield
-        return
-
-    def handler(_signum: int, _frame: object) -> None:
-        meter.interrupted = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if meter.interrupted:
+    if meter.interrupts:
         raise KeyboardInterrupt
 
 
