@@ -6,14 +6,14 @@ module that reads it from the README and runs it — so a new README line withou
 
 from __future__ import annotations
 
-import re
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.readme import bash_lines, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).with_name("dymoe-gguf"))
@@ -37,14 +37,6 @@ HERE = {("dymoe-gguf", "eval"), ("dymoe-gguf", "calibrate"), ("dymoe-gguf", "doc
         ("bash", "scripts/quickstart.sh")}
 
 
-def readme_lines() -> list[list[str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        out += [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
-    return [w for w in out if w]
-
-
 def _key(words: list[str]) -> tuple[str, ...]:
     for n in (3, 2, 1):
         if tuple(words[:n]) in CLAIMED or tuple(words[:n]) in HERE:
@@ -52,20 +44,8 @@ def _key(words: list[str]) -> tuple[str, ...]:
     raise AssertionError(f"README line with no test: {' '.join(words)}")
 
 
-def _variants(words: list[str]) -> list[list[str]]:
-    """``[--opt X]`` parts: one variant without any, one with all (as tests/convert/test_readme.py)."""
-    plain, full, inside = [], [], False
-    for w in words:
-        inside = inside or w.startswith("[")
-        full.append(w.strip("[]"))
-        if not inside:
-            plain.append(w)
-        inside = inside and not w.endswith("]")
-    return [plain, full] if plain != full else [plain]
-
-
 def test_every_readme_line_has_a_test():
-    for words in readme_lines():
+    for words in bash_lines():
         key = _key(words)
         if key in CLAIMED:
             where = ROOT / CLAIMED[key]
@@ -88,11 +68,11 @@ def world(shipped_bundle, tmp_path, monkeypatch) -> Path:
 @pytest.mark.slow
 def test_readme_eval_calibrate_doctor_as_shown(world):
     ran = set()
-    for words in readme_lines():
+    for words in bash_lines():
         key = _key(words)
         if key not in HERE or key == ("bash", "scripts/quickstart.sh"):
             continue
-        for argv in _variants(words):
+        for argv in variants(words):
             p = subprocess.run([EXE, *argv[1:]], capture_output=True, text=True, timeout=900, cwd=world)
             assert p.returncode == 0, (argv, p.stdout[-1500:], p.stderr[-1500:])
             assert "Traceback" not in p.stderr, (argv, p.stderr[-1500:])

@@ -6,24 +6,20 @@ the JSON promises, and that every configuration ran or says why not."""
 from __future__ import annotations
 
 import json
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.readme import bash_lines
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).with_name("dymoe-gguf"))
 
 
 def _readme_line() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    lines = [shlex.split(line, comments=True) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-             for line in block.splitlines()]
-    found = [w for w in lines if w[:3] == ["dymoe-gguf", "bench", "--quick"]]
+    found = [w for w in bash_lines() if w[:3] == ["dymoe-gguf", "bench", "--quick"]]
     assert len(found) == 1, found
     return found[0]
 

@@ -3,10 +3,7 @@ wrote is inspected, verified and run: a README command that produces a bundle th
 
 from __future__ import annotations
 
-import itertools
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +15,7 @@ from click.testing import CliRunner
 from dymoe_gguf.bundle import Tier
 from dymoe_gguf.cli import cli
 from tests.convert._gguf import fake_hub_cache, quantize_gguf
+from tests.readme import bash_lines, variants
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "tiny-moe"
@@ -30,19 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (MODEL / "config.json").i
 def readme_commands() -> list[list[str]]:
     """The README's ``dymoe-gguf convert|inspect|synth|run`` lines, as argument lists; ``[--opt]`` optional
     parts give one variant without any and one with all."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            if len(words) < 2 or words[0] != "dymoe-gguf" or words[1] not in COMMANDS:
-                continue
-            optional = [w.strip("[]") for w in words if w.startswith("[") or w.endswith("]")]
-            plain = [w for w in words[1:] if not (w.startswith("[") or w.endswith("]"))]
-            out.append(plain)
-            if optional:
-                out.append(plain + list(itertools.chain(*(o.split() for o in optional))))
-    return out
+    return [v[1:] for words in bash_lines() if len(words) >= 2 and words[0] == "dymoe-gguf"
+            and words[1] in COMMANDS for v in variants(words)]
 
 
 def test_readme_lists_the_commands_this_test_runs():

@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.readme import bash_lines
 from tests.serve._helpers import Server
 
 pytestmark = pytest.mark.slow
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def _section_commands(title: str) -> list[list[str]]:
-    text = README.read_text(encoding="utf-8")
-    body = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
 def _cli(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -46,8 +36,8 @@ def _curl(server: Server, argv: list[str]) -> None:
 
 
 def test_readme_run_chat_serve(shipped_bundle, chat_bundle, tmp_path):
-    commands = _section_commands("Run, chat and serve like llama.cpp's tools")
-    using_it = [c for c in _section_commands("Using it") if c[:2] == ["dymoe-gguf", "run"]]
+    commands = bash_lines("Run, chat and serve like llama.cpp's tools")
+    using_it = [c for c in bash_lines("Using it") if c[:2] == ["dymoe-gguf", "run"]]
     assert len(commands) >= 8 and using_it
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The history of")
